@@ -1,0 +1,9 @@
+"""onnxmerge: exact and depth-compressing rewrites of exported ONNX models, verified in ONNX Runtime."""
+
+from onnxmerge.ort import ort as _ort  # noqa: F401  (fails early, with a clear message, without a usable ORT)
+from onnxmerge.api import FoldResult, InferenceSession, fold
+from onnxmerge.errors import BadInputError, OnnxMergeError, VerificationError
+from onnxmerge.version import __version__
+
+__all__ = ["fold", "FoldResult", "InferenceSession", "OnnxMergeError", "BadInputError", "VerificationError",
+           "__version__"]

@@ -1,0 +1,180 @@
+"""The Python API: ``fold`` and the ORT pre-pass ``InferenceSession``. The CLI is a thin shell over these."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import onnx
+
+from onnxmerge.errors import BadInputError, VerificationError
+from onnxmerge.io import ModelLike, io_signature, is_quantized, iter_tensors, load_model, save_model
+from onnxmerge.pass_framework import PassOptions
+from onnxmerge.pipeline import run_pipeline, select_passes
+from onnxmerge.runner import input_specs, parse_input_shapes
+from onnxmerge.stats import model_stats
+from onnxmerge.verify import DEFAULT_ATOL, DEFAULT_CHECK_N, DEFAULT_RTOL, EquivalenceChecker
+from onnxmerge.version import __version__
+
+
+@dataclass
+class FoldResult:
+    """``model`` has the type that was given: a ModelProto, or the Path the result was written to."""
+
+    model: onnx.ModelProto | Path
+    proto: onnx.ModelProto
+    report: dict = field(default_factory=dict)
+
+    @property
+    def verified(self) -> bool:
+        return bool(self.report.get("verification", {}).get("passed"))
+
+
+def fold(
+    model: ModelLike,
+    output: str | os.PathLike | None = None,
+    *,
+    only: list[str] | None = None,
+    skip: list[str] | None = None,
+    check_n: int = DEFAULT_CHECK_N,
+    rtol: float = DEFAULT_RTOL,
+    atol: float = DEFAULT_ATOL,
+    input_shapes: dict[str, tuple[int, ...]] | list[str] | None = None,
+    seed: int = 0,
+    allow_costlier_merges: bool = False,
+    force: bool = False,
+    external_data: bool | None = None,
+) -> FoldResult:
+    """Apply the exact passes to a fixed point, verify the result in ORT, and only then return/write it.
+
+    A path in gives a Path out (written to ``output``, default ``<stem>.folded.onnx`` beside the input);
+    a ModelProto in gives a ModelProto out (also written if ``output`` is given). On a verification
+    failure nothing is written and :class:`VerificationError` names the first pass that broke the model.
+    """
+    pass_names = select_passes(only, skip)
+    if isinstance(input_shapes, list):
+        input_shapes = parse_input_shapes(input_shapes)
+    loaded = load_model(model)
+    original = loaded.proto
+    if loaded.path is not None and output is None:
+        output = loaded.path.with_name(loaded.path.stem + ".folded.onnx")
+    if output is not None and loaded.path is not None and Path(output).resolve() == loaded.path.resolve() and not force:
+        raise BadInputError(f"refusing to overwrite the input model {output}; pass --force (force=True) to allow it")
+    specs = input_specs(original, input_shapes)
+    shapes = {spec.name: spec.shape for spec in specs}
+    report: dict = {
+        "onnxmerge_version": __version__,
+        "input": str(loaded.path) if loaded.path else None,
+        "passes": pass_names,
+        "warnings": [],
+        "before": model_stats(original, shapes),
+    }
+
+    if is_quantized(original):
+        message = "quantized model (QLinear*/QuantizeLinear ops): passed through unchanged"
+        warnings.warn(message, stacklevel=2)
+        report["warnings"].append(message)
+        result_proto, run = original, None
+        report["verification"] = {"passed": True, "skipped": "model unchanged"}
+    else:
+        options = PassOptions(allow_costlier_merges=allow_costlier_merges)
+        run = run_pipeline(original, pass_names, options)
+        result_proto = run.model
+        report["rewrites"] = run.rewrites_per_pass()
+        report["rounds"], report["converged"] = run.rounds, run.converged
+        report["refusals"] = run.refusals
+        if not run.converged:
+            report["warnings"].append(f"pipeline did not reach a fixed point in {run.rounds} rounds")
+        checker = EquivalenceChecker(original, check_n=check_n, rtol=rtol, atol=atol, input_shapes=input_shapes,
+                                     seed=seed)
+        verification = checker.check(result_proto)
+        report["verification"] = verification.to_dict()
+        _check_signature(original, result_proto)
+        if not verification.passed:
+            culprit = _first_failing_pass(original, pass_names, options, checker, len(run.steps))
+            report["verification"]["first_failing_pass"] = culprit
+            raise VerificationError(
+                f"verification failed after pass '{culprit}': {verification.failure}; nothing was written",
+                report)
+    report["after"] = model_stats(result_proto, shapes)
+    if output is None:
+        return FoldResult(model=result_proto, proto=result_proto, report=report)
+    if external_data is None and loaded.had_external_data:
+        external_data = True
+    written = save_model(result_proto, output, input_path=loaded.path, force=force, external_data=external_data)
+    report["output"] = str(written)
+    returned = result_proto if isinstance(model, onnx.ModelProto) else written
+    return FoldResult(model=returned, proto=result_proto, report=report)
+
+
+def _check_signature(original: onnx.ModelProto, result: onnx.ModelProto) -> None:
+    before, after = io_signature(original), io_signature(result)
+    if before != after:
+        raise VerificationError(f"the model's input/output signature changed: {before} -> {after}")
+
+
+def _first_failing_pass(original: onnx.ModelProto, pass_names: list[str], options: PassOptions,
+                        checker: EquivalenceChecker, n_steps: int) -> str:
+    """Binary search over replayed prefixes of the pipeline for the first step whose output fails."""
+    low, high = 0, n_steps  # prefix `low` passes, prefix `high` fails
+    last_run = None
+    while high - low > 1:
+        middle = (low + high) // 2
+        run = run_pipeline(original, pass_names, options, stop_after_steps=middle)
+        if checker.check(run.model).passed:
+            low = middle
+        else:
+            high, last_run = middle, run
+    run = last_run or run_pipeline(original, pass_names, options, stop_after_steps=high)
+    return run.steps[-1].pass_name if run.steps else "<none>"
+
+
+def _content_hash(path: Path, options: dict) -> str:
+    """Hash of the model file, its external data files and the options: the pre-pass cache key."""
+    digest = hashlib.sha256()
+    digest.update(json.dumps(options, sort_keys=True, default=str).encode())
+    digest.update(__version__.encode())
+    digest.update(path.read_bytes())
+    proto = onnx.load(str(path), load_external_data=False)
+    locations = sorted({entry.value for tensor in iter_tensors(proto.graph) for entry in tensor.external_data
+                        if entry.key == "location"})
+    for location in locations:
+        data_file = path.parent / location
+        if data_file.is_file():
+            with open(data_file, "rb") as handle:
+                for chunk in iter(lambda: handle.read(1 << 24), b""):
+                    digest.update(chunk)
+    return digest.hexdigest()[:32]
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("ONNXMERGE_CACHE_DIR", Path.home() / ".cache" / "onnxmerge"))
+
+
+def InferenceSession(path: str | os.PathLike, sess_options=None, providers=None, *, passes: list[str] | None = None,
+                     cache_dir: str | os.PathLike | None = None, **fold_options):
+    """A real ``onnxruntime.InferenceSession`` over the folded model, folded once and cached by content hash.
+
+    If the folded model fails verification the session is built over the original model, with a warning.
+    """
+    from onnxmerge.ort import ort
+
+    path = Path(path)
+    if not path.is_file():
+        raise BadInputError(f"model file not found: {path}")
+    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    cache.mkdir(parents=True, exist_ok=True)
+    key = _content_hash(path, {"passes": passes, **fold_options})
+    cached = cache / f"{path.stem}-{key}.onnx"
+    target = cached
+    if not cached.is_file():
+        try:
+            fold(path, cached, only=passes, **fold_options)
+        except VerificationError as failure:
+            warnings.warn(f"onnxmerge pre-pass not applied: {failure}", stacklevel=2)
+            target = path
+    return ort.InferenceSession(str(target), sess_options=sess_options, providers=providers)

@@ -1,0 +1,119 @@
+"""Command line: parses arguments, calls the Python API, renders the report, maps errors to exit codes."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import warnings
+
+from rich.console import Console
+
+EXIT_OK, EXIT_VERIFICATION_FAILED, EXIT_BAD_INPUT, EXIT_INTERNAL = 0, 1, 2, 3
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, exit 2, like every other bad input
+        self.exit(EXIT_BAD_INPUT, f"onnxmerge: error: {message} (see --help)\n")
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    from onnxmerge.version import __version__
+
+    parser = _Parser(prog="onnxmerge", description="Make exported ONNX models faster, verified in ONNX Runtime.")
+    parser.add_argument("--version", action="version", version=f"onnxmerge {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    fold = commands.add_parser("fold", help="exact rewrites: fold BN/affine/Pad, merge convs, re-parameterise",
+                               description="Apply exact rewrites to a fixed point; verify in ORT before writing.")
+    fold.add_argument("input", nargs="?", help="input .onnx model")
+    fold.add_argument("output", nargs="?", help="output .onnx model")
+    fold.add_argument("--check-n", type=int, default=3, help="random input sets to verify with (default 3)")
+    fold.add_argument("--rtol", type=float, default=1e-4, help="relative tolerance (default 1e-4)")
+    fold.add_argument("--atol", type=float, default=1e-5, help="absolute tolerance (default 1e-5)")
+    fold.add_argument("--seed", type=int, default=0, help="seed of the random verification inputs")
+    fold.add_argument("--input-shape", action="extend", nargs="+", default=[], metavar="NAME:DIMS",
+                      help="shape for verification, e.g. input:1,3,224,224 (unknown dims default to 1)")
+    fold.add_argument("--skip", action="extend", nargs="+", default=[], metavar="PASS", help="passes to skip")
+    fold.add_argument("--only", action="extend", nargs="+", default=[], metavar="PASS", help="run only these passes")
+    fold.add_argument("--list-passes", action="store_true", help="list the passes and exit")
+    fold.add_argument("--explain", action="store_true", help="say why each candidate node was not rewritten")
+    fold.add_argument("--allow-costlier-merges", action="store_true",
+                      help="merge conv pairs even when the merged conv needs more MACs")
+    fold.add_argument("--external-data", action="store_true",
+                      help="store weights in OUTPUT.data (automatic above 2 GB or when the input did)")
+    fold.add_argument("--json", metavar="REPORT", help="write the full report as JSON")
+    fold.add_argument("--force", action="store_true", help="allow OUTPUT to be the input file")
+    return parser
+
+
+def _list_passes(console: Console) -> None:
+    from onnxmerge.pass_framework import PASSES
+    from onnxmerge.passes import DEFAULT_PIPELINE
+
+    for name in DEFAULT_PIPELINE:
+        console.print(f"{name:26s} {PASSES[name].description}", highlight=False)
+
+
+def _run_fold(args: argparse.Namespace, console: Console) -> int:
+    from onnxmerge.api import fold
+    from onnxmerge.errors import BadInputError, VerificationError
+    from onnxmerge.report import fold_table, print_explain, write_json
+
+    if args.list_passes:
+        _list_passes(console)
+        return EXIT_OK
+    if not args.input or not args.output:
+        raise BadInputError("fold needs INPUT and OUTPUT paths (or --list-passes)")
+    try:
+        result = fold(args.input, args.output, only=args.only or None, skip=args.skip, check_n=args.check_n,
+                      rtol=args.rtol, atol=args.atol, input_shapes=args.input_shape, seed=args.seed,
+                      allow_costlier_merges=args.allow_costlier_merges, force=args.force,
+                      external_data=True if args.external_data else None)
+    except VerificationError as failure:
+        if args.json and failure.report:
+            write_json(failure.report, args.json)
+        raise
+    report = result.report
+    console.print(fold_table(report))
+    for note in report["verification"].get("assumptions", []):
+        console.print(f"note: {note}", highlight=False)
+    for warning in report["warnings"]:
+        console.print(f"[yellow]warning:[/] {warning}", highlight=False)
+    if args.explain:
+        print_explain(console, report.get("refusals", {}))
+    if args.json:
+        write_json(report, args.json)
+    console.print(f"verified on {args.check_n} input set(s); wrote {report['output']}", highlight=False)
+    return EXIT_OK
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _build_parser()
+    args = parser.parse_args(argv)
+    console = Console()
+    errors = Console(stderr=True)
+    if args.command is None:
+        parser.print_help()
+        return EXIT_BAD_INPUT
+    try:
+        from onnxmerge.errors import OnnxMergeError
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the report carries the warnings that matter
+            return _run_fold(args, console)
+    except OnnxMergeError as error:
+        errors.print(f"onnxmerge: error: {error}", highlight=False, markup=False, soft_wrap=True)
+        return error.exit_code
+    except KeyboardInterrupt:
+        return 130
+    except Exception as error:  # a bug, not a user error: still one line unless debugging
+        if os.environ.get("ONNXMERGE_DEBUG"):
+            raise
+        errors.print(f"onnxmerge: internal error: {type(error).__name__}: {error} "
+                     "(set ONNXMERGE_DEBUG=1 for a traceback)", highlight=False, markup=False, soft_wrap=True)
+        return EXIT_INTERNAL
+
+
+if __name__ == "__main__":
+    sys.exit(main())

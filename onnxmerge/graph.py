@@ -1,0 +1,235 @@
+"""Thin helpers over onnx-graphsurgeon shared by every pass: constants, consumers, conv parameters.
+
+Passes never read a weight directly: exporters feed weights through ``Identity`` and ``Constant`` nodes,
+and a weight may be shared by several nodes, so every read goes through :func:`constant_value` and every
+write creates a new tensor through :func:`add_constant`.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from onnxmerge.conv_algebra import ConvParams
+from onnxmerge.io import EXTERNAL_DATA_THRESHOLD_BYTES, tensor_bytes
+
+_PASS_THROUGH_OPS = ("Identity",)
+
+
+def import_graph(proto: onnx.ModelProto) -> gs.Graph:
+    return gs.import_onnx(proto)
+
+
+def export_graph(graph: gs.Graph, template: onnx.ModelProto) -> onnx.ModelProto:
+    """Export, keeping everything of the original model that the graph does not own.
+
+    Opset imports, IR version, metadata and the exact graph input/output declarations (names, dtypes,
+    dynamic dim symbols) are copied from ``template`` so that a rewrite never changes the I/O contract.
+    """
+    graph.toposort()
+    model = gs.export_onnx(graph, do_type_check=False)
+    del model.opset_import[:]
+    model.opset_import.extend(template.opset_import)
+    model.ir_version = template.ir_version
+    for field in ("producer_name", "producer_version", "domain", "model_version", "doc_string"):
+        setattr(model, field, getattr(template, field))
+    del model.metadata_props[:]
+    model.metadata_props.extend(template.metadata_props)
+    declared = {v.name: v for v in list(template.graph.input) + list(template.graph.output)}
+    for values in (model.graph.input, model.graph.output):
+        for value in values:
+            if value.name in declared:
+                value.CopyFrom(declared[value.name])
+    return model
+
+
+def producer(tensor: gs.Tensor) -> gs.Node | None:
+    return tensor.inputs[0] if tensor.inputs else None
+
+
+def is_graph_output(graph: gs.Graph, tensor: gs.Tensor) -> bool:
+    return any(out is tensor for out in graph.outputs)
+
+
+def is_graph_input(graph: gs.Graph, tensor: gs.Tensor) -> bool:
+    return any(inp is tensor for inp in graph.inputs)
+
+
+def sole_consumer(graph: gs.Graph, tensor: gs.Tensor) -> gs.Node | None:
+    """The only node reading ``tensor``, or None if it has several readers or is a graph output."""
+    if len(tensor.outputs) != 1 or is_graph_output(graph, tensor):
+        return None
+    return tensor.outputs[0]
+
+
+def constant_value(tensor: gs.Tensor | None) -> np.ndarray | None:
+    """The value of a tensor known at export time, looking through Identity and Constant nodes."""
+    while tensor is not None:
+        if isinstance(tensor, gs.Constant):
+            return np.asarray(tensor.values)
+        node = producer(tensor)
+        if node is None:
+            return None
+        if node.op == "Constant":
+            return _constant_node_value(node)
+        if node.op not in _PASS_THROUGH_OPS:
+            return None
+        tensor = node.inputs[0] if node.inputs else None
+    return None
+
+
+def _constant_node_value(node: gs.Node) -> np.ndarray | None:
+    attrs = node.attrs
+    if "value" in attrs:
+        return np.asarray(attrs["value"].values)
+    if "value_float" in attrs:
+        return np.array(attrs["value_float"], dtype=np.float32)
+    if "value_floats" in attrs:
+        return np.array(attrs["value_floats"], dtype=np.float32)
+    if "value_int" in attrs:
+        return np.array(attrs["value_int"], dtype=np.int64)
+    if "value_ints" in attrs:
+        return np.array(attrs["value_ints"], dtype=np.int64)
+    return None
+
+
+def static_shape(tensor: gs.Tensor) -> tuple[int, ...] | None:
+    """The tensor's shape if every dimension is a known integer."""
+    if isinstance(tensor, gs.Constant):
+        return tuple(tensor.shape)
+    shape = tensor.shape
+    if shape is None or any(not isinstance(d, int) or d < 0 for d in shape):
+        return None
+    return tuple(shape)
+
+
+def unique_name(graph: gs.Graph, hint: str) -> str:
+    names = graph.__dict__.setdefault("_onnxmerge_names", set(graph.tensors().keys()))
+    candidate, index = hint, 0
+    while candidate in names:
+        index += 1
+        candidate = f"{hint}_{index}"
+    names.add(candidate)
+    return candidate
+
+
+def add_constant(graph: gs.Graph, hint: str, values: np.ndarray) -> gs.Constant:
+    """A new, unshared constant tensor (weights are never modified in place: they may be shared)."""
+    return gs.Constant(unique_name(graph, hint), np.ascontiguousarray(values))
+
+
+def conv_params(node: gs.Node) -> ConvParams | str:
+    """A Conv node's parameters as plain arrays, or the reason they cannot be read."""
+    if node.op != "Conv":
+        return f"{node.op} is not a Conv"
+    weight = constant_value(node.inputs[1]) if len(node.inputs) > 1 else None
+    if weight is None:
+        return "its weight is not a constant"
+    bias = None
+    if len(node.inputs) > 2 and not _is_omitted(node.inputs[2]):
+        bias = constant_value(node.inputs[2])
+        if bias is None:
+            return "its bias is not a constant"
+    auto_pad = node.attrs.get("auto_pad", "NOTSET")
+    if auto_pad not in ("NOTSET", "VALID"):
+        return f"auto_pad={auto_pad} (explicit_pads turns it into pads when shapes are known)"
+    rank = weight.ndim - 2
+    pads = node.attrs.get("pads") if auto_pad == "NOTSET" else None
+    try:
+        return ConvParams.make(
+            weight, bias,
+            strides=node.attrs.get("strides"),
+            dilations=node.attrs.get("dilations"),
+            pads=pads if pads is not None else [0] * (2 * rank),
+            groups=node.attrs.get("group", 1),
+        )
+    except ValueError as exc:
+        return str(exc)
+
+
+def _is_omitted(tensor: gs.Tensor) -> bool:
+    return isinstance(tensor, gs.Variable) and tensor.name == "" and not tensor.inputs
+
+
+def set_conv_params(graph: gs.Graph, node: gs.Node, params: ConvParams, dtype: np.dtype) -> None:
+    """Point a Conv node at new weight/bias tensors and attributes (old tensors are left to cleanup)."""
+    name = node.name or "conv"
+    weight = add_constant(graph, f"{name}.weight", params.weight.astype(dtype))
+    bias = add_constant(graph, f"{name}.bias", params.bias.astype(dtype))
+    set_inputs_from(node, 1, [weight, bias])
+    node.attrs.pop("auto_pad", None)
+    node.attrs.pop("kernel_shape", None)
+    node.attrs["strides"] = list(params.strides)
+    node.attrs["dilations"] = list(params.dilations)
+    node.attrs["pads"] = list(params.pads)
+    node.attrs["group"] = params.groups
+    node.attrs["kernel_shape"] = list(params.kernel_shape)
+
+
+def set_inputs_from(node: gs.Node, start: int, tensors: list[gs.Tensor]) -> None:
+    """Replace ``node.inputs[start:]`` (graphsurgeon's synchronized lists do not support slice assignment)."""
+    while len(node.inputs) > start:
+        node.inputs.pop()
+    node.inputs.extend(tensors)
+
+
+def weight_dtype(node: gs.Node) -> np.dtype:
+    return constant_value(node.inputs[1]).dtype
+
+
+def replace_uses(old: gs.Tensor, new: gs.Tensor) -> None:
+    """Make every node that reads ``old`` read ``new`` instead."""
+    for consumer in list(old.outputs):
+        for index, tensor in enumerate(consumer.inputs):
+            if tensor is old:
+                consumer.inputs[index] = new
+
+
+def detach(node: gs.Node) -> None:
+    """Disconnect a node so graph cleanup removes it."""
+    node.inputs.clear()
+    node.outputs.clear()
+
+
+def infer_shapes(graph: gs.Graph, template: onnx.ModelProto) -> int:
+    """Run ONNX shape inference and copy the result onto the graph's tensors; returns tensors newly typed."""
+    model = export_graph(graph, template)
+    del model.graph.value_info[:]
+    try:
+        if tensor_bytes(model) < EXTERNAL_DATA_THRESHOLD_BYTES:
+            inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
+        else:
+            inferred = _infer_shapes_via_file(model)
+    except (onnx.shape_inference.InferenceError, onnx.checker.ValidationError):
+        return 0
+    tensors = graph.tensors()
+    newly_typed = 0
+    for value in inferred.graph.value_info:
+        tensor = tensors.get(value.name)
+        if not isinstance(tensor, gs.Variable):
+            continue
+        tensor_type = value.type.tensor_type
+        if not tensor_type.HasField("shape"):
+            continue
+        shape = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tensor_type.shape.dim]
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type) if tensor_type.elem_type else None
+        if tensor.shape != shape or (dtype is not None and tensor.dtype != dtype):
+            newly_typed += 1
+            tensor.shape = shape
+            if dtype is not None:
+                tensor.dtype = dtype
+    return newly_typed
+
+
+def _infer_shapes_via_file(model: onnx.ModelProto) -> onnx.ModelProto:
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "model.onnx"
+        copy = onnx.ModelProto()
+        copy.CopyFrom(model)
+        onnx.save_model(copy, str(path), save_as_external_data=True, location="model.onnx.data")
+        onnx.shape_inference.infer_shapes_path(str(path), str(path))
+        return onnx.load(str(path), load_external_data=False)

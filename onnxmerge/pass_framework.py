@@ -1,0 +1,106 @@
+"""What a graph pass is: a named, described rewrite that reports whether it changed the graph and why not.
+
+Modelled on onnx-ir's pass infrastructure and onnxscript's rewrite rules: a pass declares what it
+``requires`` (the pipeline provides it), returns a :class:`PassResult`, and records a human-readable
+reason for every candidate node it left alone, so ``--explain`` can answer "why didn't this fold?".
+"""
+
+from __future__ import annotations
+
+import re
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import onnx
+import onnx_graphsurgeon as gs
+
+from onnxmerge.graph import infer_shapes
+
+SHAPES = "shapes"
+_SNAKE_CASE = re.compile(r"^[a-z][a-z0-9]*(_[a-z0-9]+)*$")
+
+
+@dataclass
+class PassOptions:
+    """Knobs that change what passes may do (not how they are scheduled)."""
+
+    allow_costlier_merges: bool = False
+
+
+@dataclass
+class PassContext:
+    """Shared state of one pipeline run: the model being rewritten and whether its shapes are current."""
+
+    template: onnx.ModelProto
+    options: PassOptions = field(default_factory=PassOptions)
+    shapes_current: bool = False
+
+    def ensure(self, graph: gs.Graph, requirements: frozenset[str]) -> None:
+        if SHAPES in requirements and not self.shapes_current:
+            infer_shapes(graph, self.template)
+            self.shapes_current = True
+
+
+@dataclass
+class PassResult:
+    modified: bool
+    rewrites: int = 0
+    refusals: dict[str, str] = field(default_factory=dict)
+
+
+class GraphPass(ABC):
+    """A rewrite of a graph in place. Subclasses set ``name``, ``description`` and maybe ``requires``."""
+
+    name: ClassVar[str]
+    description: ClassVar[str]
+    requires: ClassVar[frozenset[str]] = frozenset()
+
+    @abstractmethod
+    def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
+        """Rewrite ``graph`` in place."""
+
+
+class NodeRewritePass(GraphPass):
+    """A pass that looks at each node of some op types and either rewrites around it or says why not.
+
+    ``rewrite`` returns None when it changed the graph, else the reason it refused. Nodes detached by an
+    earlier rewrite in the same sweep are skipped.
+    """
+
+    op_types: ClassVar[tuple[str, ...]]
+
+    @abstractmethod
+    def rewrite(self, graph: gs.Graph, node: gs.Node, ctx: PassContext) -> str | None:
+        """Rewrite around ``node`` or return why it cannot."""
+
+    def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
+        result = PassResult(modified=False)
+        for node in list(graph.nodes):
+            if node.op not in self.op_types or not node.outputs:
+                continue
+            reason = self.rewrite(graph, node, ctx)
+            if reason is None:
+                result.rewrites += 1
+            else:
+                result.refusals[node.name or f"<unnamed {node.op}>"] = reason
+        result.modified = result.rewrites > 0
+        if result.modified:
+            graph.cleanup(remove_unused_graph_inputs=False)
+        return result
+
+
+PASSES: dict[str, type[GraphPass]] = {}
+
+
+def register_pass(cls: type[GraphPass]) -> type[GraphPass]:
+    """Add a pass to the registry under its stable snake_case name."""
+    if not _SNAKE_CASE.match(cls.name):
+        raise ValueError(f"pass name {cls.name!r} is not snake_case")
+    if "\n" in cls.description.strip() or not cls.description.strip():
+        raise ValueError(f"pass {cls.name!r} needs a one-line description")
+    if cls.name in PASSES and PASSES[cls.name] is not cls:
+        raise ValueError(f"pass name {cls.name!r} registered twice")
+    PASSES[cls.name] = cls
+    return cls
+

@@ -1,0 +1,73 @@
+"""Human (rich) and machine (JSON) renderings of a report dict; no logic about what the numbers mean."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+
+def _fmt_int(value) -> str:
+    return "?" if value is None else f"{value:,}"
+
+
+def _fmt_bytes(value) -> str:
+    if value is None:
+        return "?"
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{value:.1f} {unit}" if unit != "B" else f"{value} B"
+        value /= 1024
+    return str(value)
+
+
+def _delta_style(before, after) -> str:
+    if before is None or after is None or before == after:
+        return ""
+    return "green" if after < before else "red"
+
+
+def fold_table(report: dict) -> Table:
+    before, after = report["before"], report.get("after", {})
+    table = Table(title="onnxmerge fold", show_lines=False)
+    table.add_column("")
+    table.add_column("original", justify="right")
+    table.add_column("folded", justify="right")
+    for op in sorted(set(before["ops"]) | set(after.get("ops", {}))):
+        b, a = before["ops"].get(op, 0), after.get("ops", {}).get(op, 0)
+        table.add_row(op, str(b), f"[{_delta_style(b, a)}]{a}[/]" if _delta_style(b, a) else str(a))
+    table.add_section()
+    rows = [("nodes", "nodes", _fmt_int), ("parameters", "parameters", _fmt_int), ("MACs", "macs", _fmt_int),
+            ("size", "size_bytes", _fmt_bytes)]
+    for label, key, fmt in rows:
+        b, a = before.get(key), after.get(key)
+        style = _delta_style(b, a)
+        table.add_row(label, fmt(b), f"[{style}]{fmt(a)}[/]" if style else fmt(a))
+    verification = report.get("verification", {})
+    if "max_abs_error" in verification:
+        table.add_section()
+        table.add_row("max abs error", "", f"{verification['max_abs_error']:.3g}")
+    return table
+
+
+def print_explain(console: Console, refusals: dict[str, dict[str, str]]) -> None:
+    if not refusals:
+        console.print("every candidate node was rewritten")
+        return
+    for pass_name, reasons in refusals.items():
+        console.print(f"[bold]{pass_name}[/]")
+        for node, reason in reasons.items():
+            console.print(f"  {node}: {reason}", highlight=False, markup=False)
+
+
+def write_json(report: dict, path: str | os.PathLike) -> None:
+    """Atomic like every other write: a half-written report is worse than none."""
+    target = Path(path)
+    handle, temp = tempfile.mkstemp(prefix=".onnxmerge-", suffix=".json", dir=target.parent or ".")
+    with os.fdopen(handle, "w") as out:
+        json.dump(report, out, indent=2, default=str)
+    os.replace(temp, target)

@@ -1,0 +1,132 @@
+"""Building ORT sessions and the inputs to feed them, the same way for verification, profiling and tuning."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from onnxmerge.errors import BadInputError
+from onnxmerge.io import EXTERNAL_DATA_THRESHOLD_BYTES, tensor_bytes
+from onnxmerge.ort import ort
+
+OPT_LEVELS = {
+    "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+}
+
+
+def session_options(opt_level: str = "all", threads: int = 1) -> "ort.SessionOptions":
+    """Explicit, reproducible settings: fixed intra-op threads, one inter-op thread, sequential."""
+    options = ort.SessionOptions()
+    options.graph_optimization_level = OPT_LEVELS[opt_level]
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.log_severity_level = 3
+    return options
+
+
+def make_session(model: onnx.ModelProto | str | os.PathLike, *, opt_level: str = "all", threads: int = 1,
+                 providers: list[str] | None = None) -> "ort.InferenceSession":
+    """An ORT session over a path or an in-memory model (large models go through a temporary file)."""
+    options = session_options(opt_level, threads)
+    providers = providers or ["CPUExecutionProvider"]
+    if not isinstance(model, onnx.ModelProto):
+        return ort.InferenceSession(str(model), options, providers=providers)
+    if tensor_bytes(model) < EXTERNAL_DATA_THRESHOLD_BYTES:
+        return ort.InferenceSession(model.SerializeToString(), options, providers=providers)
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "model.onnx"
+        copy = onnx.ModelProto()
+        copy.CopyFrom(model)
+        onnx.save_model(copy, str(path), save_as_external_data=True, location="model.onnx.data")
+        return ort.InferenceSession(str(path), options, providers=providers)
+
+
+def parse_input_shapes(specs: list[str] | None) -> dict[str | None, tuple[int, ...]]:
+    """Parse ``name:1,3,224,224`` (or bare dims for a single-input model); split on the last colon."""
+    shapes: dict[str | None, tuple[int, ...]] = {}
+    for spec in specs or []:
+        name, _, dims = spec.rpartition(":")
+        try:
+            shape = tuple(int(d) for d in dims.split(","))
+        except ValueError:
+            raise BadInputError(f"bad --input-shape '{spec}': expected name:d0,d1,... with integer dims") from None
+        if not shape or any(d <= 0 for d in shape):
+            raise BadInputError(f"bad --input-shape '{spec}': dims must be positive integers")
+        shapes[name or None] = shape
+    return shapes
+
+
+@dataclass
+class InputSpec:
+    name: str
+    dtype: np.dtype
+    shape: tuple[int, ...]
+    assumed: list[str]  # human-readable notes about dims we had to guess
+
+
+def input_specs(model: onnx.ModelProto, overrides: dict[str | None, tuple[int, ...]] | None = None) -> list[InputSpec]:
+    """Concrete shapes for every real graph input: declared dims, user overrides, unknown dims → 1 (said)."""
+    overrides = dict(overrides or {})
+    initializer_names = {t.name for t in model.graph.initializer}
+    inputs = [v for v in model.graph.input if v.name not in initializer_names]
+    if None in overrides:
+        if len(inputs) != 1:
+            raise BadInputError("--input-shape without a name needs a single-input model; use name:dims")
+        overrides[inputs[0].name] = overrides.pop(None)
+    unknown = set(overrides) - {v.name for v in inputs}
+    if unknown:
+        raise BadInputError(
+            f"--input-shape names unknown input(s) {sorted(unknown)}; model inputs: {[v.name for v in inputs]}"
+        )
+    specs = []
+    for value in inputs:
+        tensor_type = value.type.tensor_type
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type)
+        declared = list(tensor_type.shape.dim)
+        if value.name in overrides:
+            shape = overrides[value.name]
+            if len(shape) != len(declared):
+                raise BadInputError(
+                    f"--input-shape for '{value.name}' has rank {len(shape)}, the model declares rank {len(declared)}"
+                )
+            for axis, (dim, want) in enumerate(zip(declared, shape)):
+                if dim.HasField("dim_value") and dim.dim_value != want:
+                    raise BadInputError(
+                        f"--input-shape for '{value.name}' sets dim {axis} to {want}, the model fixes it to {dim.dim_value}"
+                    )
+            specs.append(InputSpec(value.name, dtype, tuple(shape), []))
+            continue
+        shape, assumed = [], []
+        for axis, dim in enumerate(declared):
+            if dim.HasField("dim_value") and dim.dim_value > 0:
+                shape.append(dim.dim_value)
+            else:
+                shape.append(1)
+                assumed.append(f"{value.name}[{axis}] ({dim.dim_param or 'unnamed'}) set to 1")
+        specs.append(InputSpec(value.name, dtype, tuple(shape), assumed))
+    return specs
+
+
+def random_inputs(specs: list[InputSpec], seed: int) -> dict[str, np.ndarray]:
+    """Seeded inputs: standard normal floats (both signs exercise more of a graph), small ints, random bools."""
+    rng = np.random.default_rng(seed)
+    feeds = {}
+    for spec in specs:
+        if np.issubdtype(spec.dtype, np.floating):
+            feeds[spec.name] = rng.standard_normal(spec.shape).astype(spec.dtype)
+        elif np.issubdtype(spec.dtype, np.integer):
+            feeds[spec.name] = rng.integers(0, 10, spec.shape).astype(spec.dtype)
+        elif spec.dtype == np.bool_:
+            feeds[spec.name] = rng.random(spec.shape) < 0.5
+        else:
+            raise BadInputError(f"input '{spec.name}' has dtype {spec.dtype}, which random inputs do not cover")
+    return feeds

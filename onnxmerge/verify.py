@@ -1,0 +1,109 @@
+"""Numerical equivalence of two models in ORT: the gate every exact rewrite must pass before it is written."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import onnx
+
+from onnxmerge.errors import BadInputError
+from onnxmerge.runner import input_specs, make_session, random_inputs
+
+DEFAULT_RTOL = 1e-4
+DEFAULT_ATOL = 1e-5
+DEFAULT_CHECK_N = 3
+
+
+@dataclass
+class OutputCheck:
+    name: str
+    max_abs_error: float
+    max_rel_error: float
+    mismatched: int
+    passed: bool
+
+
+@dataclass
+class Verification:
+    passed: bool
+    check_n: int
+    rtol: float
+    atol: float
+    seed: int
+    input_shapes: dict[str, list[int]]
+    assumptions: list[str]
+    outputs: list[OutputCheck] = field(default_factory=list)
+    failure: str | None = None
+
+    @property
+    def max_abs_error(self) -> float:
+        return max((o.max_abs_error for o in self.outputs), default=0.0)
+
+    def to_dict(self) -> dict:
+        return asdict(self) | {"max_abs_error": self.max_abs_error}
+
+
+class EquivalenceChecker:
+    """Runs the reference once per seeded input set, then compares any number of candidates against it.
+
+    Both sides run with ORT graph optimizations disabled, so what is compared is our rewrite, not ORT's.
+    """
+
+    def __init__(self, reference: onnx.ModelProto, *, check_n: int = DEFAULT_CHECK_N, rtol: float = DEFAULT_RTOL,
+                 atol: float = DEFAULT_ATOL, input_shapes: dict | None = None, seed: int = 0):
+        if check_n < 1:
+            raise BadInputError("check_n must be at least 1")
+        self.check_n, self.rtol, self.atol, self.seed = check_n, rtol, atol, seed
+        self.specs = input_specs(reference, input_shapes)
+        session = make_session(reference, opt_level="disable")
+        self.output_names = [o.name for o in session.get_outputs()]
+        self.feeds = [random_inputs(self.specs, seed + trial) for trial in range(check_n)]
+        try:
+            self.expected = [session.run(None, feeds) for feeds in self.feeds]
+        except Exception as exc:  # ORT's error types are not part of its public API
+            first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise BadInputError(f"the model does not run in ONNX Runtime with inputs {self._shapes()}: "
+                                f"{first_line[:300]}") from None
+
+    def _shapes(self) -> dict[str, list[int]]:
+        return {spec.name: list(spec.shape) for spec in self.specs}
+
+    def check(self, candidate: onnx.ModelProto) -> Verification:
+        result = Verification(passed=True, check_n=self.check_n, rtol=self.rtol, atol=self.atol, seed=self.seed,
+                              input_shapes=self._shapes(),
+                              assumptions=[note for spec in self.specs for note in spec.assumed])
+        session = make_session(candidate, opt_level="disable")
+        names = [o.name for o in session.get_outputs()]
+        if names != self.output_names:
+            result.passed, result.failure = False, f"output names changed: {self.output_names} -> {names}"
+            return result
+        stats = {name: [0.0, 0.0, 0] for name in names}
+        for feeds, expected in zip(self.feeds, self.expected):
+            for name, want, got in zip(names, expected, session.run(None, feeds)):
+                if want.shape != got.shape or want.dtype != got.dtype:
+                    result.passed = False
+                    result.failure = (f"output '{name}' changed from {want.dtype}{list(want.shape)} "
+                                      f"to {got.dtype}{list(got.shape)}")
+                    return result
+                self._accumulate(stats[name], want, got)
+        for name, (max_abs, max_rel, mismatched) in stats.items():
+            result.outputs.append(OutputCheck(name, max_abs, max_rel, mismatched, mismatched == 0))
+        result.passed = all(o.passed for o in result.outputs)
+        if not result.passed:
+            worst = max((o for o in result.outputs if not o.passed), key=lambda o: o.max_abs_error)
+            result.failure = (f"output '{worst.name}' differs: max abs error {worst.max_abs_error:.3g}, "
+                              f"{worst.mismatched} element(s) outside rtol={self.rtol:g} atol={self.atol:g}")
+        return result
+
+    def _accumulate(self, stat: list, want: np.ndarray, got: np.ndarray) -> None:
+        if not np.issubdtype(want.dtype, np.number):
+            stat[2] += int(np.count_nonzero(want != got))
+            return
+        want64, got64 = want.astype(np.float64), got.astype(np.float64)
+        close = np.isclose(got64, want64, rtol=self.rtol, atol=self.atol, equal_nan=True)
+        diff = np.abs(got64 - want64)
+        diff = np.where(np.isnan(want64) & np.isnan(got64), 0.0, diff)
+        stat[0] = max(stat[0], float(np.max(diff, initial=0.0)))
+        stat[1] = max(stat[1], float(np.max(diff / np.maximum(np.abs(want64), np.finfo(np.float32).tiny), initial=0.0)))
+        stat[2] += int(np.count_nonzero(~close))

@@ -1,0 +1,92 @@
+"""Shared fixtures: small hand-built ONNX graphs and an ORT equality helper used by every pass test."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from onnxmerge.pipeline import run_pipeline
+from onnxmerge.runner import make_session
+
+
+class GraphBuilder:
+    """Builds a float32 ONNX model node by node with random weights (seeded)."""
+
+    def __init__(self, input_shape, seed: int = 0, opset: int = 17, input_name: str = "x"):
+        self.rng = np.random.default_rng(seed)
+        self.nodes: list[onnx.NodeProto] = []
+        self.initializers: list[onnx.TensorProto] = []
+        self.opset = opset
+        self.input = helper.make_tensor_value_info(input_name, TensorProto.FLOAT, list(input_shape))
+        self._count = 0
+
+    def name(self, prefix: str) -> str:
+        self._count += 1
+        return f"{prefix}{self._count}"
+
+    def const(self, array, prefix: str = "w") -> str:
+        name = self.name(prefix)
+        self.initializers.append(numpy_helper.from_array(np.asarray(array), name))
+        return name
+
+    def node(self, op: str, inputs: list[str], n_outputs: int = 1, **attrs) -> str | list[str]:
+        outputs = [self.name(op.lower() + "_out") for _ in range(n_outputs)]
+        self.nodes.append(helper.make_node(op, inputs, outputs, name=self.name(op), **attrs))
+        return outputs[0] if n_outputs == 1 else outputs
+
+    def conv(self, x: str, c_in: int, c_out: int, k: int = 3, bias: bool = True, groups: int = 1,
+             **attrs) -> str:
+        weight = self.const(self.rng.standard_normal((c_out, c_in // groups, k, k)).astype(np.float32) * 0.3)
+        inputs = [x, weight]
+        if bias:
+            inputs.append(self.const(self.rng.standard_normal(c_out).astype(np.float32)))
+        return self.node("Conv", inputs, group=groups, **attrs)
+
+    def batchnorm(self, x: str, channels: int, epsilon: float = 1e-5) -> str:
+        rng = self.rng
+        stats = [rng.uniform(0.5, 1.5, channels), rng.standard_normal(channels), rng.standard_normal(channels),
+                 rng.uniform(0.5, 2.0, channels)]
+        names = [self.const(s.astype(np.float32), "bn") for s in stats]
+        return self.node("BatchNormalization", [x, *names], epsilon=epsilon)
+
+    def build(self, outputs: list[str] | str, ir_version: int = 8, shapes: dict | None = None) -> onnx.ModelProto:
+        outputs = [outputs] if isinstance(outputs, str) else outputs
+        graph = helper.make_graph(self.nodes, "test", [self.input], [], initializer=self.initializers)
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", self.opset)],
+                                  ir_version=ir_version)
+        # Declare outputs with the types shape inference finds, as an exporter would.
+        inferred = onnx.shape_inference.infer_shapes(model)
+        known = {v.name: v for v in list(inferred.graph.value_info) + list(inferred.graph.input)}
+        for name in outputs:
+            value = known.get(name) or helper.make_tensor_value_info(name, TensorProto.FLOAT, (shapes or {})[name])
+            model.graph.output.append(value)
+        onnx.checker.check_model(model)
+        return model
+
+
+def run_model(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    return make_session(model, opt_level="disable").run(None, feeds)
+
+
+def assert_same_outputs(original: onnx.ModelProto, rewritten: onnx.ModelProto, input_shape, *, seed: int = 0,
+                        rtol: float = 1e-4, atol: float = 1e-5, input_name: str = "x") -> None:
+    feeds = {input_name: np.random.default_rng(seed).standard_normal(input_shape).astype(np.float32)}
+    for want, got in zip(run_model(original, feeds), run_model(rewritten, feeds)):
+        np.testing.assert_allclose(got, want, rtol=rtol, atol=atol)
+
+
+def op_types(model: onnx.ModelProto) -> list[str]:
+    return [node.op_type for node in model.graph.node]
+
+
+def apply(model: onnx.ModelProto, *pass_names: str, **option_kwargs):
+    """Run only the given passes (to a fixed point) and return the pipeline run."""
+    from onnxmerge.pass_framework import PassOptions
+
+    return run_pipeline(model, list(pass_names), PassOptions(**option_kwargs))
+
+
+def reasons(run, pass_name: str) -> str:
+    """All refusal reasons a pass gave, joined, for substring assertions."""
+    return " | ".join(run.refusals.get(pass_name, {}).values())
