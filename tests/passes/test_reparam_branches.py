@@ -1,4 +1,4 @@
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from conftest import GraphBuilder, reasons, apply, assert_same_outputs, op_types
@@ -77,32 +77,34 @@ _branch = st.fixed_dictionaries({
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(branches=st.lists(_branch, min_size=2, max_size=3), stride=st.integers(1, 2), size=st.integers(7, 12),
+@given(branches=st.lists(_branch, min_size=1, max_size=3), stride=st.integers(1, 2), size=st.integers(7, 12),
        seed=st.integers(0, 2**16))
 def test_every_accepted_branch_set_is_exact(branches, stride, size, seed):
-    """Branches with 'same'-style padding (optionally shifted): whatever the pass merges must be exact."""
+    """A 3x3 conv plus random branches with 'same'-style padding, sometimes shifted off centre.
+
+    Whatever the pass merges must be exact; whatever it leaves must come with a reason.
+    """
     channels = 4
     g = GraphBuilder((1, channels, size, size), seed=seed)
-    operands = []
+    operands = [g.conv("x", channels, channels, k=3, pads=[1, 1, 1, 1], strides=[stride, stride])]
     for spec in branches:
-        if spec["kind"] == "identity" or (spec["kind"] == "bn" and stride == 1):
-            operands.append("x" if spec["kind"] == "identity" else g.batchnorm("x", channels))
-            if stride != 1:
-                operands.pop()
-            continue
-        span = spec["dilation"] * (spec["k"] - 1)
-        begin = span // 2 + (spec["shift"] if span else 0)
-        begin = min(max(begin, 0), span)
-        pads = [begin, begin, span - begin, span - begin]
-        operands.append(g.conv("x", channels, channels, k=spec["k"], bias=spec["bias"], groups=spec["groups"],
-                               pads=pads, strides=[stride, stride], dilations=[spec["dilation"]] * 2))
-    if not any(o != "x" and not o.startswith("batch") for o in operands) or len(operands) < 2:
-        operands.append(g.conv("x", channels, channels, k=3, pads=[1, 1, 1, 1], strides=[stride, stride]))
+        if spec["kind"] == "identity" and stride == 1:
+            operands.append("x")
+        elif spec["kind"] == "bn" and stride == 1:
+            operands.append(g.batchnorm("x", channels))
+        else:
+            span = spec["dilation"] * (spec["k"] - 1)
+            begin = min(max(span // 2 + spec["shift"], 0), span)
+            pads = [begin, begin, span - begin, span - begin]
+            operands.append(g.conv("x", channels, channels, k=spec["k"], bias=spec["bias"], groups=spec["groups"],
+                                   pads=pads, strides=[stride, stride], dilations=[spec["dilation"]] * 2))
     total = operands[0]
     for operand in operands[1:]:
         total = g.node("Add", [total, operand])
     model = g.build(total)
     run = apply(model, "reparam_branches")
+    merged = "Add" not in op_types(run.model)
+    event("merged" if merged else "refused")
     assert_same_outputs(model, run.model, (1, channels, size, size), seed=seed, rtol=1e-4, atol=1e-4)
-    if "Add" in op_types(run.model):
+    if not merged:
         assert run.refusals["reparam_branches"]
