@@ -45,6 +45,7 @@ def fold(
     atol: float = DEFAULT_ATOL,
     input_shapes: dict[str, tuple[int, ...]] | list[str] | None = None,
     seed: int = 0,
+    noise_floor: bool = True,
     allow_costlier_merges: bool = False,
     force: bool = False,
     external_data: bool | None = None,
@@ -90,7 +91,7 @@ def fold(
         if not run.converged:
             report["warnings"].append(f"pipeline did not reach a fixed point in {run.rounds} rounds")
         checker = EquivalenceChecker(original, check_n=check_n, rtol=rtol, atol=atol, input_shapes=input_shapes,
-                                     seed=seed)
+                                     seed=seed, noise_floor=noise_floor)
         verification = checker.check(result_proto)
         report["verification"] = verification.to_dict()
         _check_signature(original, result_proto)

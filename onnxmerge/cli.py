@@ -31,6 +31,8 @@ def _build_parser() -> argparse.ArgumentParser:
     fold.add_argument("--check-n", type=int, default=3, help="random input sets to verify with (default 3)")
     fold.add_argument("--rtol", type=float, default=1e-4, help="relative tolerance (default 1e-4)")
     fold.add_argument("--atol", type=float, default=1e-5, help="absolute tolerance (default 1e-5)")
+    fold.add_argument("--no-noise-floor", dest="noise_floor", action="store_false",
+                      help="judge by rtol/atol alone, not also by the float noise ORT's own optimizer makes")
     fold.add_argument("--seed", type=int, default=0, help="seed of the random verification inputs")
     fold.add_argument("--input-shape", action="extend", nargs="+", default=[], metavar="NAME:DIMS",
                       help="shape for verification, e.g. input:1,3,224,224 (unknown dims default to 1)")
@@ -68,6 +70,7 @@ def _run_fold(args: argparse.Namespace, console: Console) -> int:
     try:
         result = fold(args.input, args.output, only=args.only or None, skip=args.skip, check_n=args.check_n,
                       rtol=args.rtol, atol=args.atol, input_shapes=args.input_shape, seed=args.seed,
+                      noise_floor=args.noise_floor,
                       allow_costlier_merges=args.allow_costlier_merges, force=args.force,
                       external_data=True if args.external_data else None)
     except VerificationError as failure:

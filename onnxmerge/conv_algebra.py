@@ -39,7 +39,9 @@ class ConvParams:
     def __post_init__(self):
         weight = np.array(self.weight, dtype=np.float64)
         if weight.ndim < 3 or 0 in weight.shape:
-            raise ValueError(f"weight must be [M, C/groups, k1, ..., kn] with n >= 1 and no empty axis, got shape {weight.shape}")
+            raise ValueError(
+                f"weight must be [M, C/groups, k1, ..., kn] with n >= 1 and no empty axis, got shape {weight.shape}"
+            )
         rank = weight.ndim - 2
         groups = operator.index(self.groups)
         if groups < 1 or weight.shape[0] % groups:
@@ -141,7 +143,7 @@ def expand_groups(weight: np.ndarray, groups: int) -> np.ndarray:
     """Dense block-diagonal form of a grouped weight, [M, C/g, k..] -> [M, C, k..]."""
     weight = np.asarray(weight, dtype=np.float64)
     if weight.ndim < 3 or groups < 1 or weight.shape[0] % groups:
-        raise ValueError(f"groups={groups} must be >= 1 and divide the output channels of a weight of shape {weight.shape}")
+        raise ValueError(f"groups={groups} must be >= 1 and divide the output channels of weight shape {weight.shape}")
     out_channels, group_in, kernel = weight.shape[0], weight.shape[1], weight.shape[2:]
     dense = np.zeros((out_channels, group_in * groups) + kernel)
     blocks = dense.reshape((groups, out_channels // groups, groups, group_in) + kernel)  # a view of dense
@@ -158,7 +160,8 @@ def regroup(conv: ConvParams, groups: int) -> ConvParams:
     if groups < 1 or conv.groups % groups:
         raise ValueError(f"can only regroup to a divisor of groups={conv.groups}, got {groups}")
     blocks = np.split(conv.weight, groups)
-    return replace(conv, weight=np.concatenate([expand_groups(b, conv.groups // groups) for b in blocks]), groups=groups)
+    weight = np.concatenate([expand_groups(b, conv.groups // groups) for b in blocks])
+    return replace(conv, weight=weight, groups=groups)
 
 
 def bn_scale_shift(gamma, beta, mean, var, epsilon) -> tuple[np.ndarray, np.ndarray]:
@@ -192,7 +195,7 @@ def scale_shift_transposed(weight, bias, groups, scale, shift) -> tuple[np.ndarr
     """
     weight = np.asarray(weight, dtype=np.float64)
     if weight.ndim < 3 or groups < 1 or weight.shape[0] % groups:
-        raise ValueError(f"groups={groups} must be >= 1 and divide the input channels of a weight of shape {weight.shape}")
+        raise ValueError(f"groups={groups} must be >= 1 and divide the input channels of weight shape {weight.shape}")
     group_out, kernel = weight.shape[1], weight.shape[2:]
     channels = group_out * groups
     bias = np.zeros(channels) if bias is None else np.asarray(bias, dtype=np.float64)
@@ -200,7 +203,8 @@ def scale_shift_transposed(weight, bias, groups, scale, shift) -> tuple[np.ndarr
         raise ValueError(f"bias must have shape ({channels},), got {bias.shape}")
     scale = _per_channel(scale, channels, "scale")
     shift = _per_channel(shift, channels, "shift")
-    per_group = weight.reshape((groups, -1, group_out) + kernel) * scale.reshape((groups, 1, group_out) + (1,) * len(kernel))
+    per_group = weight.reshape((groups, -1, group_out) + kernel)
+    per_group = per_group * scale.reshape((groups, 1, group_out) + (1,) * len(kernel))
     return per_group.reshape(weight.shape), bias * scale + shift
 
 
@@ -210,7 +214,8 @@ def affine_conv(scale, shift, rank: int) -> ConvParams:
     if scale.ndim != 1:
         raise ValueError(f"scale must be 1-D [channels], got shape {scale.shape}")
     channels = scale.size
-    return ConvParams.make(scale.reshape((channels, 1) + (1,) * rank), _per_channel(shift, channels, "shift"), groups=channels)
+    weight = scale.reshape((channels, 1) + (1,) * rank)
+    return ConvParams.make(weight, _per_channel(shift, channels, "shift"), groups=channels)
 
 
 def identity_conv(channels: int, rank: int) -> ConvParams:
@@ -227,7 +232,7 @@ def _assemble(placements) -> tuple[np.ndarray, tuple[int, ...]]:
     first_block = placements[0][0]
     dilations, sizes = [], []
     for axis in range(first_block.ndim - 2):
-        taps = {offsets[axis] + steps[axis] * u for block, offsets, steps in placements for u in range(block.shape[2 + axis])}
+        taps = {o[axis] + s[axis] * u for block, o, s in placements for u in range(block.shape[2 + axis])}
         dilation = math.gcd(*taps) or 1
         dilations.append(dilation)
         sizes.append(max(taps) // dilation + 1)
@@ -247,30 +252,36 @@ def _nearest_padded_read(pad: int, kernel: int, stride: int, dilation: int) -> i
     The conv reads padded positions stride*t + dilation*v, of which the first `pad` are padding;
     dilation and stride can skip the padding right next to the data.
     """
-    nearest = max(dilation * v + (pad - 1 - dilation * v) // stride * stride for v in range(kernel) if dilation * v < pad)
-    return pad - nearest
+    taps = [dilation * v for v in range(kernel) if dilation * v < pad]
+    return pad - max(tap + (pad - 1 - tap) // stride * stride for tap in taps)
 
 
 def composition_refusal(first: ConvParams, second: ConvParams) -> str | None:
     """None if compose() is exact for every input size, else the reason.
 
-    The merged conv reads x exactly where the pair does, with the same zero padding of x.
-    The pair differs only inside the second conv's padding: the pair reads zeros there,
-    the merged conv reads the first conv extended beyond its output, b1 + W1 * (x window).
-    That is zero exactly when b1 == 0 and every such window lies in x's padding, which the
-    per-axis checks below decide (each refusal has a counterexample input for generic weights).
+    The merged conv reads x exactly where the pair does, with the same zero padding of x. The
+    two can only differ where the second conv reads its own padding: the pair sees zeros there,
+    the merged conv sees the first conv continued past its output, b1 + W1 * (window of x).
+    That is zero exactly when b1 == 0 and each such window lies entirely in x's padding, which
+    the per-axis checks below decide; for generic weights every refusal has a counterexample.
+    An unpadded second conv is therefore always exact, and so is a padded one after a bias-free
+    1x1 conv (whose window has reach 0).
     """
     if first.rank != second.rank:
         return f"rank mismatch: first conv is {first.rank}-D, second conv is {second.rank}-D"
     if second.in_channels != first.out_channels:
-        return f"channel mismatch: first conv outputs {first.out_channels} channels, second conv reads {second.in_channels}"
+        return (
+            f"channel mismatch: first conv outputs {first.out_channels} channels, "
+            f"second conv reads {second.in_channels}"
+        )
     if not any(second.pads):
         return None
     for axis, reach in enumerate(_reach(first)):
         if second.pads_end[axis] and reach > first.pads_end[axis]:
             return (
-                f"second conv pads the end of spatial axis {axis}, where first conv's window (reach {reach}) extends past "
-                f"its own end padding ({first.pads_end[axis]}): border values of the merged conv would differ"
+                f"second conv pads the end of spatial axis {axis}, where first conv's window (reach {reach}) "
+                f"extends past its own end padding ({first.pads_end[axis]}): "
+                "border values of the merged conv would differ"
             )
         if second.pads_begin[axis]:
             gap = _nearest_padded_read(
@@ -278,8 +289,8 @@ def composition_refusal(first: ConvParams, second: ConvParams) -> str | None:
             )
             if reach >= first.pads_begin[axis] + first.strides[axis] * gap:
                 return (
-                    f"second conv pads the start of spatial axis {axis}, where first conv's window (reach {reach}, stride "
-                    f"{first.strides[axis]}, begin pad {first.pads_begin[axis]}) would still see the input: "
+                    f"second conv pads the start of spatial axis {axis}, where first conv's window (reach {reach}, "
+                    f"stride {first.strides[axis]}, begin pad {first.pads_begin[axis]}) would still see the input: "
                     "border values of the merged conv would differ"
                 )
     if np.any(first.bias):
@@ -298,6 +309,7 @@ def compose(first: ConvParams, second: ConvParams) -> ConvParams:
     reason = composition_refusal(first, second)
     if reason:
         raise MergeRefused(reason)
+    s1 = first.strides
     groups = math.gcd(first.groups, second.groups)
     w1 = _per_group(regroup(first, groups).weight, groups)  # [G, C1/G, C0/G, k1..]
     w2 = _per_group(regroup(second, groups).weight, groups)  # [G, C2/G, C1/G, k2..]
@@ -305,12 +317,11 @@ def compose(first: ConvParams, second: ConvParams) -> ConvParams:
     placements = []
     for v in np.ndindex(*second.kernel_shape):
         block = (w2[(Ellipsis,) + v] @ w1_flat).reshape((second.out_channels, -1) + first.kernel_shape)
-        offsets = tuple(s1 * d2 * vi for s1, d2, vi in zip(first.strides, second.dilations, v))
+        offsets = tuple(s * d2 * vi for s, d2, vi in zip(s1, second.dilations, v))
         placements.append((block, offsets, first.dilations))
     weight, dilations = _assemble(placements)
     w2_sums = w2.sum(axis=tuple(range(3, w2.ndim)))
     bias = second.bias + np.einsum("gab,gb->ga", w2_sums, first.bias.reshape(groups, -1)).reshape(-1)
-    s1 = first.strides
     return ConvParams(
         weight=weight,
         bias=bias,
@@ -363,7 +374,8 @@ def add_parallel(branches: Sequence[ConvParams]) -> ConvParams:
     pads_begin = tuple(max(axis) for axis in zip(*(b.pads_begin for b in branches)))
     pads_end = tuple(max(axis) for axis in zip(*(b.pads_end for b in branches)))
     placements = [
-        (regroup(b, groups).weight, tuple(p - q for p, q in zip(pads_begin, b.pads_begin)), b.dilations) for b in branches
+        (regroup(b, groups).weight, tuple(p - q for p, q in zip(pads_begin, b.pads_begin)), b.dilations)
+        for b in branches
     ]
     weight, dilations = _assemble(placements)
     return ConvParams(
