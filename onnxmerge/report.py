@@ -61,7 +61,7 @@ def print_explain(console: Console, refusals: dict[str, dict[str, str]]) -> None
     for pass_name, reasons in refusals.items():
         console.print(f"[bold]{pass_name}[/]")
         for node, reason in reasons.items():
-            console.print(f"  {node}: {reason}", highlight=False, markup=False)
+            console.print(f"  {node}: {reason}", highlight=False, markup=False, soft_wrap=True)
 
 
 def write_json(report: dict, path: str | os.PathLike) -> None:
