@@ -33,11 +33,39 @@ def session_options(opt_level: str = "all", threads: int = 1) -> "ort.SessionOpt
     return options
 
 
+PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+
+
+def provider_list(provider: str = "cpu", *, cuda_graph: bool = False) -> list:
+    """ORT's provider list for a short name; CPU stays last so unsupported nodes still run."""
+    if provider not in PROVIDERS:
+        available = sorted(name for name, full in PROVIDERS.items() if full in ort.get_available_providers())
+        raise BadInputError(f"unknown provider '{provider}'; available here: {', '.join(available)}")
+    if provider == "cpu":
+        return ["CPUExecutionProvider"]
+    options = {"enable_cuda_graph": "1"} if cuda_graph else {}
+    return [("CUDAExecutionProvider", options), "CPUExecutionProvider"]
+
+
 def make_session(model: onnx.ModelProto | str | os.PathLike, *, opt_level: str = "all", threads: int = 1,
-                 providers: list[str] | None = None) -> "ort.InferenceSession":
-    """An ORT session over a path or an in-memory model (large models go through a temporary file)."""
-    options = session_options(opt_level, threads)
-    providers = providers or ["CPUExecutionProvider"]
+                 provider: str = "cpu", cuda_graph: bool = False,
+                 options: "ort.SessionOptions | None" = None) -> "ort.InferenceSession":
+    """An ORT session over a path or an in-memory model (large models go through a temporary file).
+
+    Asking for CUDA where it cannot load is an error here, not ORT's silent fall-back to the CPU: what
+    the session really uses is read back with ``get_providers()``.
+    """
+    options = options or session_options(opt_level, threads)
+    providers = provider_list(provider, cuda_graph=cuda_graph)
+    session = _create_session(model, options, providers)
+    wanted = PROVIDERS[provider]
+    if session.get_providers()[0] != wanted:
+        raise BadInputError(f"{wanted} was requested but could not be loaded (session uses "
+                            f"{session.get_providers()}; installed build offers {ort.get_available_providers()})")
+    return session
+
+
+def _create_session(model, options, providers) -> "ort.InferenceSession":
     if not isinstance(model, onnx.ModelProto):
         return ort.InferenceSession(str(model), options, providers=providers)
     if tensor_bytes(model) < EXTERNAL_DATA_THRESHOLD_BYTES:
@@ -48,6 +76,33 @@ def make_session(model: onnx.ModelProto | str | os.PathLike, *, opt_level: str =
         copy.CopyFrom(model)
         onnx.save_model(copy, str(path), save_as_external_data=True, location="model.onnx.data")
         return ort.InferenceSession(str(path), options, providers=providers)
+
+
+def bound_runner(session: "ort.InferenceSession", feeds: dict[str, np.ndarray], provider: str = "cpu"):
+    """A zero-argument callable running the session once, for timing loops.
+
+    On CUDA, inputs are copied to the device once and outputs stay there (IOBinding), so the timed call
+    contains no host copies; outputs are bound to pre-allocated buffers, which CUDA graphs require.
+    """
+    if provider == "cpu":
+        return lambda: session.run(None, feeds)
+    binding = session.io_binding()
+    for name, value in feeds.items():
+        binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(value, "cuda", 0))
+    for output in session.get_outputs():
+        binding.bind_output(output.name, "cuda", 0)
+    session.run_with_iobinding(binding)  # learn the output shapes, then pin buffers at fixed addresses
+    shapes = [(value.shape(), value.data_type()) for value in binding.get_outputs()]
+    binding.clear_binding_outputs()
+    for output, (shape, data_type) in zip(session.get_outputs(), shapes):
+        dtype = _ORT_TYPE_TO_NUMPY.get(data_type, np.float32)
+        binding.bind_ortvalue_output(output.name, ort.OrtValue.ortvalue_from_shape_and_type(shape, dtype, "cuda", 0))
+    binding.synchronize_inputs()
+    return lambda: session.run_with_iobinding(binding)
+
+
+_ORT_TYPE_TO_NUMPY = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
+                      "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(bool)": np.bool_}
 
 
 def parse_input_shapes(specs: list[str] | None) -> dict[str | None, tuple[int, ...]]:

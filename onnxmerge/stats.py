@@ -27,21 +27,20 @@ def parameter_count(model: onnx.ModelProto) -> int:
     return total
 
 
-def macs(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]]) -> int | None:
-    """Multiply-accumulates of Conv/ConvTranspose/Gemm/MatMul at the given input shapes (None if unknown)."""
+def _static_shapes(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple]:
+    """Every tensor's shape with the inputs pinned to ``input_shapes`` (tensors still unknown are absent)."""
     fixed = onnx.ModelProto()
     fixed.CopyFrom(model)
     for value in fixed.graph.input:
         if value.name in input_shapes:
-            dims = value.type.tensor_type.shape.dim
-            for dim, size in zip(dims, input_shapes[value.name]):
+            for dim, size in zip(value.type.tensor_type.shape.dim, input_shapes[value.name]):
                 dim.Clear()
                 dim.dim_value = size
     del fixed.graph.value_info[:]
     try:
         inferred = onnx.shape_inference.infer_shapes(fixed, data_prop=True)
     except (onnx.shape_inference.InferenceError, ValueError):
-        return None
+        inferred = fixed
     shapes = {}
     for value in list(inferred.graph.input) + list(inferred.graph.value_info) + list(inferred.graph.output):
         dims = value.type.tensor_type.shape.dim
@@ -49,13 +48,27 @@ def macs(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]]) -> in
             shapes[value.name] = tuple(d.dim_value for d in dims)
     for tensor in inferred.graph.initializer:
         shapes[tensor.name] = tuple(tensor.dims)
-    total = 0
-    for node in inferred.graph.node:
-        node_macs = _node_macs(node, shapes)
-        if node_macs is None:
-            return None
-        total += node_macs
-    return total
+    return shapes
+
+
+def node_costs(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]]) -> dict[str, dict]:
+    """Per node (by name, or op type and index when unnamed): MACs (None if unknown) and parameters."""
+    shapes = _static_shapes(model, input_shapes)
+    initializers = {t.name: t for t in model.graph.initializer}
+    costs = {}
+    for index, node in enumerate(model.graph.node):
+        params = sum(int(np.prod(initializers[name].dims, dtype=np.int64)) for name in node.input
+                     if name in initializers and
+                     onnx.helper.tensor_dtype_to_np_dtype(initializers[name].data_type).kind == "f")
+        costs[node.name or f"{node.op_type}_{index}"] = {"op_type": node.op_type, "macs": _node_macs(node, shapes),
+                                                         "parameters": params}
+    return costs
+
+
+def macs(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]]) -> int | None:
+    """Multiply-accumulates of Conv/ConvTranspose/Gemm/MatMul at the given input shapes (None if unknown)."""
+    per_node = [cost["macs"] for cost in node_costs(model, input_shapes).values()]
+    return None if any(m is None for m in per_node) else int(sum(per_node))
 
 
 def _node_macs(node: onnx.NodeProto, shapes: dict[str, tuple[int, ...]]) -> int | None:
