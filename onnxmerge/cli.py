@@ -46,7 +46,37 @@ def _build_parser() -> argparse.ArgumentParser:
                       help="store weights in OUTPUT.data (automatic above 2 GB or when the input did)")
     fold.add_argument("--json", metavar="REPORT", help="write the full report as JSON")
     fold.add_argument("--force", action="store_true", help="allow OUTPUT to be the input file")
+    fold.add_argument("--bench", action="store_true",
+                      help="time original vs folded interleaved in ORT (as `onnxmerge compare`) and report the ratio")
+
+    profile = commands.add_parser("profile", help="latency, memory and per-node breakdown in ORT",
+                                  description="Time a model in ORT with explicit session settings.")
+    profile.add_argument("model", help=".onnx model")
+    _add_timing_options(profile)
+    profile.add_argument("--per-node", action="store_true", help="per-node and per-op-type breakdown (ORT profiler)")
+    profile.add_argument("--top", type=int, default=15, help="rows of the per-node table (default 15)")
+    profile.add_argument("--trace", metavar="FILE", help="also save ORT's raw profiler trace (Chrome trace JSON)")
+
+    compare = commands.add_parser("compare", help="time two models interleaved and report B's speed-up over A",
+                                  description="Time A and B interleaved (A B A B ...) in one run.")
+    compare.add_argument("model_a", help="baseline .onnx model (A)")
+    compare.add_argument("model_b", help="candidate .onnx model (B)")
+    _add_timing_options(compare)
     return parser
+
+
+def _add_timing_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--provider", default="cpu", help="execution provider: cpu or cuda (default cpu)")
+    parser.add_argument("--threads", type=int, default=1, help="intra-op threads (default 1)")
+    parser.add_argument("--warmup", type=int, default=10, help="untimed runs first (default 10)")
+    parser.add_argument("--runs", type=int, default=50, help="timed runs (default 50)")
+    parser.add_argument("--input-shape", action="extend", nargs="+", default=[], metavar="NAME:DIMS",
+                        help="input shape, e.g. input:1,3,224,224 (unknown dims default to 1)")
+    parser.add_argument("--opt-level", default="all", choices=["all", "extended", "basic", "disable"],
+                        help="ORT graph optimization level (default all)")
+    parser.add_argument("--cuda-graph", action="store_true", help="capture and replay a CUDA graph (cuda only)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
+    parser.add_argument("--json", metavar="REPORT", help="write the full report as JSON")
 
 
 def _list_passes(console: Console) -> None:
@@ -60,7 +90,7 @@ def _list_passes(console: Console) -> None:
 def _run_fold(args: argparse.Namespace, console: Console) -> int:
     from onnxmerge.api import fold
     from onnxmerge.errors import BadInputError, VerificationError
-    from onnxmerge.report import fold_table, print_explain, write_json
+    from onnxmerge.report import fold_table, print_explain, speedup_line, write_json
 
     if args.list_passes:
         _list_passes(console)
@@ -85,10 +115,52 @@ def _run_fold(args: argparse.Namespace, console: Console) -> int:
         console.print(f"[yellow]warning:[/] {warning}", highlight=False)
     if args.explain:
         print_explain(console, report.get("refusals", {}))
+    if args.bench:
+        from onnxmerge.profiler import compare
+
+        report["bench"] = compare(args.input, report["output"], input_shapes=args.input_shape or None)
+        console.print(speedup_line(report["bench"]), highlight=False)
     if args.json:
         write_json(report, args.json)
     console.print(f"verified on {args.check_n} input set(s); wrote {report['output']}", highlight=False)
     return EXIT_OK
+
+
+def _timing_kwargs(args: argparse.Namespace) -> dict:
+    return {"provider": args.provider, "threads": args.threads, "warmup": args.warmup, "runs": args.runs,
+            "input_shapes": args.input_shape or None, "opt_level": args.opt_level, "cuda_graph": args.cuda_graph,
+            "seed": args.seed}
+
+
+def _run_profile(args: argparse.Namespace, console: Console) -> int:
+    from onnxmerge.profiler import profile
+    from onnxmerge.report import profile_tables, write_json
+
+    report = profile(args.model, per_node=args.per_node, trace=args.trace, **_timing_kwargs(args))
+    for table in profile_tables(report, top=args.top):
+        console.print(table)
+    for note in report["assumptions"]:
+        console.print(f"note: {note}", highlight=False)
+    if args.json:
+        write_json(report, args.json)
+    return EXIT_OK
+
+
+def _run_compare(args: argparse.Namespace, console: Console) -> int:
+    from onnxmerge.profiler import compare
+    from onnxmerge.report import compare_table, speedup_line, write_json
+
+    report = compare(args.model_a, args.model_b, **_timing_kwargs(args))
+    console.print(compare_table(report))
+    console.print(speedup_line(report), highlight=False)
+    for note in report["assumptions"]:
+        console.print(f"note: {note}", highlight=False)
+    if args.json:
+        write_json(report, args.json)
+    return EXIT_OK
+
+
+COMMANDS = {"fold": _run_fold, "profile": _run_profile, "compare": _run_compare}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -104,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the report carries the warnings that matter
-            return _run_fold(args, console)
+            return COMMANDS[args.command](args, console)
     except OnnxMergeError as error:
         errors.print(f"onnxmerge: error: {error}", highlight=False, markup=False, soft_wrap=True)
         return error.exit_code

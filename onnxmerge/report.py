@@ -71,3 +71,52 @@ def write_json(report: dict, path: str | os.PathLike) -> None:
     with os.fdopen(handle, "w") as out:
         json.dump(report, out, indent=2, default=str)
     os.replace(temp, target)
+
+
+def _latency_row(table: Table, label: str, stats: dict) -> None:
+    table.add_row(label, *(f"{stats[key]:.3f}" for key in ("median_ms", "p90_ms", "p99_ms", "mean_ms", "std_ms",
+                                                          "min_ms")), str(stats["runs"]))
+
+
+def _latency_table(title: str) -> Table:
+    table = Table(title=title)
+    for column in ("", "median ms", "p90", "p99", "mean", "std", "min", "runs"):
+        table.add_column(column, justify="right" if column else "left")
+    return table
+
+
+def profile_tables(report: dict, top: int = 15) -> list[Table]:
+    env = report["environment"]
+    latency = _latency_table(f"{report['model'] or 'model'} — {', '.join(report['session']['providers'][:1])}, "
+                             f"{env['threads']} thread(s), opt level {env['opt_level']}")
+    _latency_row(latency, "latency", report["latency"])
+    facts = Table(show_header=False)
+    facts.add_column()
+    facts.add_column(justify="right")
+    memory, static = report["memory"], report["static"]
+    facts.add_row("peak RSS during timed runs", _fmt_bytes(memory["peak_rss_bytes"]))
+    if memory["device_bytes"] is not None:
+        facts.add_row("device memory in use", _fmt_bytes(memory["device_bytes"]))
+    facts.add_row("MACs", _fmt_int(static["macs"]))
+    facts.add_row("parameters", _fmt_int(static["parameters"]))
+    facts.add_row("inputs", ", ".join(f"{k}: {v}" for k, v in env["input_shapes"].items()))
+    tables = [latency, facts]
+    if "per_node" in report:
+        from onnxmerge.trace import NodeBreakdown, breakdown_tables
+
+        tables += breakdown_tables(NodeBreakdown.from_dict(report["per_node"]), top=top)
+    return tables
+
+
+def compare_table(report: dict) -> Table:
+    env = report["environment"]
+    table = _latency_table(f"interleaved, {env['threads']} thread(s), opt level {env['opt_level']}")
+    _latency_row(table, f"A {report['a'] or ''}", report["latency_a"])
+    _latency_row(table, f"B {report['b'] or ''}", report["latency_b"])
+    return table
+
+
+def speedup_line(report: dict) -> str:
+    speedup = report["speedup"]
+    return (f"speed-up of B over A: {speedup['median']:.3f}x median of per-round ratios "
+            f"(p10 {speedup['p10']:.3f}, p90 {speedup['p90']:.3f})")

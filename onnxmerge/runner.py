@@ -38,9 +38,12 @@ PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 
 def provider_list(provider: str = "cpu", *, cuda_graph: bool = False) -> list:
     """ORT's provider list for a short name; CPU stays last so unsupported nodes still run."""
+    available = sorted(name for name, full in PROVIDERS.items() if full in ort.get_available_providers())
     if provider not in PROVIDERS:
-        available = sorted(name for name, full in PROVIDERS.items() if full in ort.get_available_providers())
         raise BadInputError(f"unknown provider '{provider}'; available here: {', '.join(available)}")
+    if provider not in available:
+        raise BadInputError(f"provider '{provider}' is not in this ONNX Runtime build (pip install "
+                            f"'onnxmerge[gpu]' for CUDA); available here: {', '.join(available)}")
     if provider == "cpu":
         return ["CPUExecutionProvider"]
     options = {"enable_cuda_graph": "1"} if cuda_graph else {}
