@@ -1,6 +1,12 @@
 """Error types that map onto the CLI's exit codes, so the API and the CLI agree on what failed."""
 
 
+def first_line(exc: BaseException, limit: int = 300) -> str:
+    """An exception's message as one line: errors from ORT and protobuf run over many lines."""
+    text = str(exc).strip().splitlines()
+    return text[0][:limit] if text else type(exc).__name__
+
+
 class OnnxMergeError(Exception):
     """Base class: every error onnxmerge raises on purpose is one of these."""
 

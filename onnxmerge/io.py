@@ -19,7 +19,7 @@ import onnx
 from google.protobuf.message import DecodeError
 from onnx import TensorProto, helper
 
-from onnxmerge.errors import BadInputError
+from onnxmerge.errors import BadInputError, first_line
 
 ModelLike = Union[str, os.PathLike, onnx.ModelProto]
 
@@ -97,7 +97,7 @@ def load_model(model: ModelLike) -> LoadedModel:
     try:
         proto = onnx.load(str(path), load_external_data=False)
     except (DecodeError, ValueError, RuntimeError, OSError) as exc:
-        raise BadInputError(f"cannot parse {path} as an ONNX model ({_one_line(exc)})") from None
+        raise BadInputError(f"cannot parse {path} as an ONNX model ({first_line(exc)})") from None
     _check_not_empty(proto, str(path))
     had_external = any(_uses_external_data(t) for t in iter_tensors(proto.graph))
     if had_external:
@@ -105,11 +105,11 @@ def load_model(model: ModelLike) -> LoadedModel:
         try:
             onnx.load_external_data_for_model(proto, str(path.parent))
         except (OSError, ValueError, RuntimeError) as exc:
-            raise BadInputError(f"cannot read the external data of {path} ({_one_line(exc)})") from None
+            raise BadInputError(f"cannot read the external data of {path} ({first_line(exc)})") from None
     try:
         onnx.checker.check_model(proto if not had_external else str(path))
     except (onnx.checker.ValidationError, ValueError) as exc:
-        raise BadInputError(f"{path} is not a valid ONNX model ({_one_line(exc)})") from None
+        raise BadInputError(f"{path} is not a valid ONNX model ({first_line(exc)})") from None
     return LoadedModel(proto=proto, path=path, had_external_data=had_external)
 
 
@@ -118,11 +118,6 @@ def _check_not_empty(proto: onnx.ModelProto, what: str) -> None:
         raise BadInputError(f"{what} has an empty graph (no nodes)")
     if len(proto.graph.output) == 0:
         raise BadInputError(f"{what} has no graph outputs")
-
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0][:300] if text else type(exc).__name__
 
 
 def is_quantized(proto: onnx.ModelProto) -> bool:
@@ -200,6 +195,27 @@ def save_model(
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return out
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write a file so that readers see the old or the new content, never half of it."""
+    target = Path(path)
+    handle, temp = tempfile.mkstemp(prefix=".onnxmerge-", dir=target.parent)
+    try:
+        with os.fdopen(handle, "wb") as out:
+            out.write(data)
+        os.chmod(temp, 0o666 & ~_current_umask())
+        os.replace(temp, target)
+    except BaseException:
+        Path(temp).unlink(missing_ok=True)
+        raise
+    return target
+
+
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def io_signature(proto: onnx.ModelProto) -> dict[str, list[tuple[str, int, tuple]]]:

@@ -5,22 +5,13 @@ from __future__ import annotations
 from onnxmerge.environment import describe
 from onnxmerge.io import ModelLike, load_model
 from onnxmerge.memory import PeakRssSampler, cuda_memory_used_bytes
-from onnxmerge.errors import BadInputError
-from onnxmerge.runner import OPT_LEVELS, bound_runner, input_specs, make_session, parse_input_shapes, random_inputs
+from onnxmerge.errors import BadInputError, first_line
+from onnxmerge.runner import bound_runner, check_timing_options, input_specs, make_session, parse_input_shapes, random_inputs
 from onnxmerge.stats import model_stats
 from onnxmerge.timing import LatencyStats, RatioStats, time_interleaved
 
 DEFAULT_WARMUP = 10
 DEFAULT_RUNS = 50
-
-
-def _check_counts(warmup: int, runs: int, threads: int, opt_level: str) -> None:
-    if warmup < 0 or runs < 1:
-        raise BadInputError(f"need runs >= 1 and warmup >= 0 (got runs={runs}, warmup={warmup})")
-    if threads < 1:
-        raise BadInputError(f"threads must be >= 1 (got {threads}); 0 would let ORT pick and hide the setting")
-    if opt_level not in OPT_LEVELS:
-        raise BadInputError(f"unknown opt level '{opt_level}'; choose from {', '.join(OPT_LEVELS)}")
 
 
 class _Prepared:
@@ -39,9 +30,8 @@ class _Prepared:
             self.run = bound_runner(self.session, self.feeds, provider)
             self.run()
         except Exception as exc:  # ORT's error types are not public API
-            text = str(exc).strip().splitlines()
             raise BadInputError(f"{self.path or 'the model'} does not run with inputs "
-                                f"{self.input_shapes()}: {(text[0] if text else type(exc).__name__)[:300]}") from None
+                                f"{self.input_shapes()}: {first_line(exc)}") from None
 
     def input_shapes(self) -> dict[str, list[int]]:
         return {spec.name: list(spec.shape) for spec in self.specs}
@@ -59,7 +49,7 @@ def profile(model: ModelLike, *, provider: str = "cpu", threads: int = 1, warmup
             runs: int = DEFAULT_RUNS, input_shapes: dict | list[str] | None = None, opt_level: str = "all",
             per_node: bool = False, trace: str | None = None, cuda_graph: bool = False, seed: int = 0) -> dict:
     """Latency statistics, memory, static costs and (optionally) a per-node breakdown, as one report dict."""
-    _check_counts(warmup, runs, threads, opt_level)
+    check_timing_options(runs, threads, opt_level, warmup)
     shapes = parse_input_shapes(input_shapes) if isinstance(input_shapes, list) else input_shapes
     prepared = _Prepared(model, shapes, provider=provider, threads=threads, opt_level=opt_level,
                          cuda_graph=cuda_graph, seed=seed)
@@ -90,7 +80,7 @@ def compare(model_a: ModelLike, model_b: ModelLike, *, provider: str = "cpu", th
             warmup: int = DEFAULT_WARMUP, runs: int = DEFAULT_RUNS, input_shapes: dict | list[str] | None = None,
             opt_level: str = "all", cuda_graph: bool = False, seed: int = 0) -> dict:
     """Time A and B interleaved (A B A B ...) in one run; the speed-up is the median of per-round A/B ratios."""
-    _check_counts(warmup, runs, threads, opt_level)
+    check_timing_options(runs, threads, opt_level, warmup)
     shapes = parse_input_shapes(input_shapes) if isinstance(input_shapes, list) else input_shapes
     prepared = [_Prepared(m, shapes, provider=provider, threads=threads, opt_level=opt_level,
                           cuda_graph=cuda_graph, seed=seed) for m in (model_a, model_b)]

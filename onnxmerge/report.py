@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
-from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
+
+from onnxmerge.io import atomic_write_bytes
 
 
 def _fmt_int(value) -> str:
@@ -66,11 +67,7 @@ def print_explain(console: Console, refusals: dict[str, dict[str, str]]) -> None
 
 def write_json(report: dict, path: str | os.PathLike) -> None:
     """Atomic like every other write: a half-written report is worse than none."""
-    target = Path(path)
-    handle, temp = tempfile.mkstemp(prefix=".onnxmerge-", suffix=".json", dir=target.parent or ".")
-    with os.fdopen(handle, "w") as out:
-        json.dump(report, out, indent=2, default=str)
-    os.replace(temp, target)
+    atomic_write_bytes(path, json.dumps(report, indent=2, default=str).encode())
 
 
 def _latency_row(table: Table, label: str, stats: dict) -> None:
@@ -102,9 +99,7 @@ def profile_tables(report: dict, top: int = 15) -> list[Table]:
     facts.add_row("inputs", ", ".join(f"{k}: {v}" for k, v in env["input_shapes"].items()))
     tables = [latency, facts]
     if "per_node" in report:
-        from onnxmerge.trace import NodeBreakdown, breakdown_tables
-
-        tables += breakdown_tables(NodeBreakdown.from_dict(report["per_node"]), top=top)
+        tables += breakdown_tables(report["per_node"], top=top)
     return tables
 
 
@@ -120,3 +115,28 @@ def speedup_line(report: dict) -> str:
     speedup = report["speedup"]
     return (f"speed-up of B over A: {speedup['median']:.3f}x median of per-round ratios "
             f"(p10 {speedup['p10']:.3f}, p90 {speedup['p90']:.3f})")
+
+
+def breakdown_tables(breakdown: dict, top: int = 15) -> list[Table]:
+    """The slowest nodes, then time per op type: where a rewrite could pay off, at a glance."""
+    summary = (f"kernels {breakdown['total_node_us']:,.1f} µs of {breakdown['model_run_us']:,.1f} µs per run, "
+               f"mean of {breakdown['runs_kept']} runs")
+    nodes = Table(title=f"slowest {min(top, len(breakdown['nodes']))} of {len(breakdown['nodes'])} nodes",
+                  caption=summary)
+    nodes.add_column("node", overflow="fold")
+    for column in ("op", "provider"):
+        nodes.add_column(column)
+    for column in ("µs/run", "share", "calls", "MACs", "GMAC/s"):
+        nodes.add_column(column, justify="right")
+    for row in sorted(breakdown['nodes'], key=lambda node: node["mean_us"], reverse=True)[:top]:
+        provider = (row['provider'] or "?").removesuffix("ExecutionProvider")
+        nodes.add_row(Text(row['name']), Text(row['op_type']), Text(provider), f"{row['mean_us']:,.1f}",
+                      f"{row['share']:.1%}", f"{row['calls_per_run']:g}", _fmt_int(row['macs']),
+                      "" if row['gmacs_per_s'] is None else f"{row['gmacs_per_s']:,.2f}")
+    ops = Table(title="time per op type")
+    ops.add_column("op")
+    for column in ("nodes", "µs/run", "share"):
+        ops.add_column(column, justify="right")
+    for row in breakdown['op_types']:
+        ops.add_row(Text(row['op_type']), str(row['count']), f"{row['total_us']:,.1f}", f"{row['share']:.1%}")
+    return [nodes, ops]

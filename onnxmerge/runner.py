@@ -50,6 +50,16 @@ def provider_list(provider: str = "cpu", *, cuda_graph: bool = False) -> list:
     return [("CUDAExecutionProvider", options), "CPUExecutionProvider"]
 
 
+def check_timing_options(runs: int, threads: int, opt_level: str, warmup: int = 0) -> None:
+    """The settings every timed or profiled run shares, refused with one line when unusable."""
+    if warmup < 0 or runs < 1:
+        raise BadInputError(f"need runs >= 1 and warmup >= 0 (got runs={runs}, warmup={warmup})")
+    if threads < 1:
+        raise BadInputError(f"threads must be >= 1 (got {threads}); 0 would let ORT pick and hide the setting")
+    if opt_level not in OPT_LEVELS:
+        raise BadInputError(f"unknown opt level '{opt_level}'; choose from {', '.join(OPT_LEVELS)}")
+
+
 def make_session(model: onnx.ModelProto | str | os.PathLike, *, opt_level: str = "all", threads: int = 1,
                  provider: str = "cpu", cuda_graph: bool = False,
                  options: "ort.SessionOptions | None" = None) -> "ort.InferenceSession":

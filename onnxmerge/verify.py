@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import onnx
 
-from onnxmerge.errors import BadInputError
+from onnxmerge.errors import BadInputError, first_line
 from onnxmerge.runner import input_specs, make_session, random_inputs
 
 DEFAULT_RTOL = 1e-4
@@ -74,9 +74,8 @@ class EquivalenceChecker:
         try:
             self.expected = [session.run(None, feeds) for feeds in self.feeds]
         except Exception as exc:  # ORT's error types are not part of its public API
-            first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise BadInputError(f"the model does not run in ONNX Runtime with inputs {self._shapes()}: "
-                                f"{first_line[:300]}") from None
+                                f"{first_line(exc)}") from None
         self.noise = {name: 0.0 for name in self.output_names}
         if noise_floor:
             optimized = make_session(reference, opt_level="all")

@@ -5,10 +5,8 @@ import os
 import subprocess
 import sys
 
-import onnx
 import pytest
 
-import onnxmerge
 from onnxmerge.errors import BadInputError
 from onnxmerge.io import save_model
 from onnxmerge.profiler import compare, profile

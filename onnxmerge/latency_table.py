@@ -1,0 +1,338 @@
+"""A latency look-up table of single convolutions, measured in ORT and cached on disk.
+
+LayerMerge's dynamic program prices every candidate merged convolution by a table look-up, so each
+distinct convolution is measured once per machine and ORT build, with the profile command's session
+settings, and kept in a cache that several processes may fill at once.
+
+Padding convention: ``ConvSignature.padding`` accepts ``"same"`` or explicit ONNX ``pads``
+``(x1_begin, ..., xn_begin, x1_end, ..., xn_end)``. ``"same"`` means ``d*(k-1)//2`` at both ends of
+each axis (``k//2`` for an undilated kernel: output size = ceil(input / stride) for odd kernels) and is
+stored as those explicit pads, so two signatures describing the same convolution share one key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import operator
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from onnxmerge.api import default_cache_dir
+from onnxmerge.environment import hardware_fingerprint
+from onnxmerge.errors import BadInputError
+from onnxmerge.graph import (conv_params, constant_value, import_graph, is_graph_output, sole_consumer,
+                             weight_dtype)
+from onnxmerge.io import ModelLike, clamp_ir_version, load_model
+from onnxmerge.profiler import profile
+from onnxmerge.report import write_json
+from onnxmerge.runner import check_timing_options, input_specs, parse_input_shapes
+from onnxmerge.stats import _static_shapes
+from onnxmerge.timing import LatencyStats
+
+OPSET = 17
+DTYPES = ("float32", "float16")
+# Activations that are one ONNX op, both ways: what conv_model emits and what conv_signatures recognises.
+_SINGLE_OP_ACTIVATIONS = {"relu": "Relu", "hardswish": "HardSwish", "leaky_relu": "LeakyRelu", "sigmoid": "Sigmoid"}
+# Composites, written as opset-17 exporters write them: relu6 = Clip(0, 6), silu = x * Sigmoid(x),
+# gelu = x * 0.5 * (1 + Erf(x / sqrt(2))) (ORT fuses the last two patterns itself at "extended" and above).
+ACTIVATIONS = tuple(_SINGLE_OP_ACTIVATIONS) + ("relu6", "silu", "gelu")
+# Bump when conv_model changes what it builds: entries measured on the old models stop matching.
+CACHE_FORMAT = 1
+
+
+@dataclass(frozen=True, kw_only=True)
+class ConvSignature:
+    """Everything that decides a convolution's latency (weights' values do not); ints broadcast per axis.
+
+    The spatial rank is ``len(input_hw)``. The measured model always has a bias: a conv without one costs
+    the same to within noise, and one entry serves both.
+    """
+
+    in_channels: int
+    out_channels: int
+    kernel: int | tuple[int, ...]
+    input_hw: tuple[int, ...]
+    stride: int | tuple[int, ...] = 1
+    dilation: int | tuple[int, ...] = 1
+    groups: int = 1
+    padding: str | tuple[int, ...] = "same"
+    activation: str | None = None
+    dtype: str = "float32"
+    batch: int = 1
+
+    def __post_init__(self):
+        input_hw = _ints("input_hw", self.input_hw, None)
+        rank = len(input_hw)
+        kernel = _ints("kernel", self.kernel, rank)
+        dilation = _ints("dilation", self.dilation, rank)
+        if isinstance(self.padding, str):
+            if self.padding != "same":
+                raise BadInputError(f"padding must be 'same' or explicit pads, got '{self.padding}'")
+            begins = tuple(d * (k - 1) // 2 for k, d in zip(kernel, dilation))
+            padding = begins + begins
+        else:
+            padding = _ints("padding", self.padding, 2 * rank, minimum=0)
+        normalised = {"input_hw": input_hw, "kernel": kernel, "dilation": dilation, "padding": padding,
+                      "stride": _ints("stride", self.stride, rank)}
+        for name in ("in_channels", "out_channels", "groups", "batch"):
+            normalised[name] = _int(name, getattr(self, name))
+        for name, value in normalised.items():
+            object.__setattr__(self, name, value)
+        if self.in_channels % self.groups or self.out_channels % self.groups:
+            raise BadInputError(f"groups={self.groups} must divide in_channels={self.in_channels} and "
+                                f"out_channels={self.out_channels}")
+        if self.activation is not None and self.activation not in ACTIVATIONS:
+            raise BadInputError(f"unknown activation '{self.activation}'; choose from None, {', '.join(ACTIVATIONS)}")
+        if self.dtype not in DTYPES:
+            raise BadInputError(f"dtype must be one of {', '.join(DTYPES)}, got '{self.dtype}'")
+        if min(self.output_hw) < 1:
+            raise BadInputError(f"input_hw={self.input_hw} is too small for kernel={self.kernel}, "
+                                f"dilation={self.dilation}, padding={self.padding} (output {self.output_hw})")
+
+    @property
+    def output_hw(self) -> tuple[int, ...]:
+        rank = len(self.input_hw)
+        return tuple((h + pb + pe - d * (k - 1) - 1) // s + 1 for h, k, s, d, pb, pe in zip(
+            self.input_hw, self.kernel, self.stride, self.dilation, self.padding[:rank], self.padding[rank:]))
+
+    def key(self) -> str:
+        """Stable across processes and versions (unlike ``hash()``): it names cache entries."""
+        def axes(values):
+            return "x".join(map(str, values))
+
+        return (f"conv:i{self.in_channels}:o{self.out_channels}:k{axes(self.kernel)}:s{axes(self.stride)}"
+                f":d{axes(self.dilation)}:g{self.groups}:p{','.join(map(str, self.padding))}"
+                f":hw{axes(self.input_hw)}:b{self.batch}:{self.dtype}:{self.activation or 'linear'}")
+
+
+def _int(name: str, value, minimum: int = 1) -> int:
+    try:
+        number = operator.index(value)
+    except TypeError:
+        number = None
+    if number is None or number < minimum:
+        raise BadInputError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return number
+
+
+def _ints(name: str, value, length: int | None, minimum: int = 1) -> tuple[int, ...]:
+    """A per-axis tuple; an int is broadcast to ``length`` axes (``None``: a sequence of any length is needed)."""
+    if hasattr(value, "__index__") and length is not None:
+        value = (value,) * length
+    if not isinstance(value, (tuple, list)) or not value or (length is not None and len(value) != length):
+        count = f"{length} integers" if length is not None else "a non-empty tuple of integers"
+        raise BadInputError(f"{name} must be {count} >= {minimum}, got {value!r}")
+    return tuple(_int(name, v, minimum) for v in value)
+
+
+def conv_model(signature: ConvSignature, *, seed: int = 0) -> onnx.ModelProto:
+    """The smallest model that costs what the signature's convolution costs inside a network."""
+    sig = signature
+    dtype = np.dtype(sig.dtype)
+    elem_type = helper.np_dtype_to_tensor_dtype(dtype)
+    rng = np.random.default_rng(seed)
+    fan_in = sig.in_channels // sig.groups * int(np.prod(sig.kernel))
+    # Unit-variance outputs: float16 neither overflows nor goes subnormal, either of which changes speed.
+    weight = rng.standard_normal((sig.out_channels, sig.in_channels // sig.groups, *sig.kernel)) / np.sqrt(fan_in)
+    initializers = [numpy_helper.from_array(weight.astype(dtype), "weight"),
+                    numpy_helper.from_array(rng.standard_normal(sig.out_channels).astype(dtype), "bias")]
+    conv_out = "conv" if sig.activation else "y"
+    nodes = [helper.make_node("Conv", ["x", "weight", "bias"], [conv_out], kernel_shape=list(sig.kernel),
+                              strides=list(sig.stride), dilations=list(sig.dilation), pads=list(sig.padding),
+                              group=sig.groups)]
+    if sig.activation:
+        activation_nodes, constants = _activation(sig.activation, conv_out, "y", dtype)
+        nodes += activation_nodes
+        initializers += constants
+    graph = helper.make_graph(
+        nodes, "conv", [helper.make_tensor_value_info("x", elem_type, [sig.batch, sig.in_channels, *sig.input_hw])],
+        [helper.make_tensor_value_info("y", elem_type, [sig.batch, sig.out_channels, *sig.output_hw])],
+        initializer=initializers)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="onnxmerge")
+    clamp_ir_version(model)
+    return model
+
+
+def _activation(name: str, source: str, target: str, dtype: np.dtype) -> tuple[list, list]:
+    """ONNX nodes (and their constants) computing activation ``name`` from ``source`` into ``target``."""
+    def const(tag: str, value: float) -> onnx.TensorProto:
+        return numpy_helper.from_array(np.array(value, dtype=dtype), f"{name}.{tag}")
+
+    make = helper.make_node
+    if name in _SINGLE_OP_ACTIVATIONS:
+        return [make(_SINGLE_OP_ACTIVATIONS[name], [source], [target])], []
+    if name == "relu6":
+        return [make("Clip", [source, "relu6.min", "relu6.max"], [target])], [const("min", 0), const("max", 6)]
+    if name == "silu":
+        return [make("Sigmoid", [source], ["silu.sigmoid"]), make("Mul", [source, "silu.sigmoid"], [target])], []
+    return ([make("Div", [source, "gelu.sqrt2"], ["gelu.scaled"]), make("Erf", ["gelu.scaled"], ["gelu.erf"]),
+             make("Add", ["gelu.erf", "gelu.one"], ["gelu.shifted"]),
+             make("Mul", [source, "gelu.shifted"], ["gelu.x2"]), make("Mul", ["gelu.x2", "gelu.half"], [target])],
+            [const("sqrt2", np.sqrt(2.0)), const("one", 1.0), const("half", 0.5)])
+
+
+@dataclass(eq=False)
+class LatencyTable(Mapping):
+    """Latency per signature (a read-only mapping), the settings it holds for, and how its build went.
+
+    ``hits`` and ``misses`` count distinct signatures: a signature asked for twice is looked up once.
+    """
+
+    entries: dict[ConvSignature, LatencyStats]
+    provider: str
+    threads: int
+    opt_level: str
+    fingerprint: str
+    hits: int = 0
+    misses: int = 0
+    cache_dir: Path | None = field(default=None, repr=False)
+
+    def __getitem__(self, signature: ConvSignature) -> LatencyStats:
+        return self.entries[signature]
+
+    def __iter__(self):
+        return iter(self.entries)
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def to_dict(self) -> dict:
+        return {"provider": self.provider, "threads": self.threads, "opt_level": self.opt_level,
+                "fingerprint": self.fingerprint, "hits": self.hits, "misses": self.misses,
+                "cache_dir": str(self.cache_dir) if self.cache_dir else None,
+                "entries": [{"key": sig.key(), "signature": asdict(sig), "latency": stats.to_dict()}
+                            for sig, stats in self.entries.items()]}
+
+
+def cache_key(signature: ConvSignature, *, provider: str, threads: int, opt_level: str, fingerprint: str) -> str:
+    """Everything a measurement depends on besides the run count (``fingerprint`` carries ORT build and device)."""
+    return f"v{CACHE_FORMAT}|{signature.key()}|{provider}|threads={threads}|opt={opt_level}|{fingerprint}"
+
+
+def measure(signatures: Iterable[ConvSignature], *, provider: str = "cpu", threads: int = 1, opt_level: str = "all",
+            runs: int = 30, warmup: int = 10, cache_dir: str | Path | None = None,
+            fingerprint: str | None = None) -> LatencyTable:
+    """Look every signature up in the disk cache, timing (and caching) only the ones missing.
+
+    A hit creates no session. An entry measured with fewer than ``runs`` runs, or unreadable, is a miss
+    and is overwritten. Each entry is one JSON file replaced atomically, so concurrent builds into one
+    cache cannot corrupt it (the last writer of an entry wins). ``fingerprint`` defaults to
+    :func:`onnxmerge.environment.hardware_fingerprint`; pass another to keep tables apart by hand.
+    """
+    check_timing_options(runs, threads, opt_level, warmup)
+    fingerprint = fingerprint if fingerprint is not None else hardware_fingerprint(provider)
+    folder = Path(cache_dir) if cache_dir is not None else default_cache_dir() / "latency"
+    folder.mkdir(parents=True, exist_ok=True)
+    table = LatencyTable({}, provider, threads, opt_level, fingerprint, cache_dir=folder)
+    for signature in dict.fromkeys(signatures):
+        key = cache_key(signature, provider=provider, threads=threads, opt_level=opt_level, fingerprint=fingerprint)
+        path = folder / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.json"
+        stats = _read_entry(path, key, runs)
+        if stats is None:
+            report = profile(conv_model(signature), provider=provider, threads=threads, warmup=warmup, runs=runs,
+                             opt_level=opt_level)
+            stats = LatencyStats(**report["latency"])
+            write_json({"key": key, "signature": asdict(signature), "latency": stats.to_dict(),
+                        "environment": report["environment"]}, path)
+            table.misses += 1
+        else:
+            table.hits += 1
+        table.entries[signature] = stats
+    return table
+
+
+def _read_entry(path: Path, key: str, runs: int) -> LatencyStats | None:
+    try:
+        entry = json.loads(path.read_text())
+        stats = LatencyStats(**entry["latency"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return stats if entry.get("key") == key and stats.runs >= runs else None
+
+
+def conv_signatures(model: ModelLike, input_shapes: dict | list[str] | None = None) -> list[tuple[str, ConvSignature]]:
+    """Each Conv node's signature at static shapes, with the activation it feeds alone, in graph order.
+
+    Nodes are named as :func:`onnxmerge.stats.node_costs` names them (``Conv_<index>`` when unnamed).
+    Convs with ``auto_pad=SAME_*`` or non-constant weights are refused: ``fold`` makes pads explicit.
+    """
+    proto = load_model(model).proto
+    shapes = parse_input_shapes(input_shapes) if isinstance(input_shapes, list) else input_shapes
+    tensor_shapes = _static_shapes(proto, {spec.name: spec.shape for spec in input_specs(proto, shapes)})
+    graph = import_graph(proto)
+    found = []
+    for index, node in enumerate(graph.nodes):
+        if node.op != "Conv":
+            continue
+        name = node.name or f"Conv_{index}"
+        params = conv_params(node)
+        if isinstance(params, str):
+            raise BadInputError(f"conv '{name}' has no latency signature: {params}")
+        data_shape = tensor_shapes.get(node.inputs[0].name)
+        if data_shape is None:
+            raise BadInputError(f"conv '{name}': its input shape is unknown at the given input shapes")
+        found.append((name, ConvSignature(
+            in_channels=params.in_channels, out_channels=params.out_channels, kernel=params.kernel_shape,
+            stride=params.strides, dilation=params.dilations, groups=params.groups, padding=params.pads,
+            input_hw=data_shape[2:], batch=data_shape[0], activation=_activation_after(graph, node),
+            dtype=str(weight_dtype(node)))))
+    return found
+
+
+def _activation_after(graph, node) -> str | None:
+    """The activation that reads the conv's output and nothing else does (ORT can fuse only those)."""
+    output = node.outputs[0]
+    consumer = sole_consumer(graph, output)
+    if consumer is not None:
+        if consumer.op == "Clip":
+            return "relu6" if _clip_bounds(consumer) == (0.0, 6.0) else None
+        if consumer.op == "Gelu" and consumer.domain in ("", "com.microsoft"):
+            return "gelu"
+        return next((name for name, op in _SINGLE_OP_ACTIVATIONS.items() if op == consumer.op), None)
+    readers = {reader.op: reader for reader in output.outputs}
+    if len(output.outputs) == 2 and set(readers) == {"Sigmoid", "Mul"} and not is_graph_output(graph, output):
+        sigmoid, mul = readers["Sigmoid"], readers["Mul"]
+        if sole_consumer(graph, sigmoid.outputs[0]) is mul:
+            return "silu"
+    return None
+
+
+def _clip_bounds(node) -> tuple[float, float] | None:
+    """Clip's (min, max) from its inputs (opset >= 11) or attributes (older), if both are known scalars."""
+    if len(node.inputs) > 1:
+        bounds = [constant_value(tensor) for tensor in node.inputs[1:3]]
+    else:
+        bounds = [node.attrs.get("min"), node.attrs.get("max")]
+    if len(bounds) != 2 or any(bound is None or np.size(bound) != 1 for bound in bounds):
+        return None
+    return float(np.ravel(bounds[0])[0]), float(np.ravel(bounds[1])[0])
+
+
+def additivity(model: ModelLike, input_shapes: dict | list[str] | None = None, *, provider: str = "cpu",
+               threads: int = 1, opt_level: str = "all", runs: int = 30, warmup: int = 10,
+               cache_dir: str | Path | None = None, fingerprint: str | None = None) -> dict:
+    """How well the table's sum predicts the whole model, under the same settings.
+
+    Compression turns a speed-up target into a latency budget over the convs; ``uncovered_fraction`` is
+    the share of end-to-end time outside the table (clipped to [0, 1]: per-call overheads counted in
+    every entry can push the sum past the end-to-end time), ``ratio`` is the unclipped table / end-to-end.
+    """
+    named = conv_signatures(model, input_shapes)
+    table = measure([sig for _, sig in named], provider=provider, threads=threads, opt_level=opt_level, runs=runs,
+                    warmup=warmup, cache_dir=cache_dir, fingerprint=fingerprint)
+    report = profile(model, provider=provider, threads=threads, warmup=warmup, runs=runs, input_shapes=input_shapes,
+                     opt_level=opt_level)
+    end_to_end = report["latency"]["median_ms"]
+    per_conv = {name: table[sig].median_ms for name, sig in named}
+    table_sum = sum(per_conv.values())
+    ratio = table_sum / end_to_end
+    return {"end_to_end_ms": end_to_end, "table_sum_ms": table_sum, "ratio": ratio,
+            "uncovered_fraction": min(max(1.0 - ratio, 0.0), 1.0), "convs": len(named), "per_conv_ms": per_conv,
+            "table": {"hits": table.hits, "misses": table.misses, "fingerprint": table.fingerprint},
+            "environment": report["environment"]}
