@@ -3,7 +3,8 @@
 from onnxmerge.ort import ort as _ort  # noqa: F401  (fails early, with a clear message, without a usable ORT)
 from onnxmerge.api import FoldResult, InferenceSession, fold
 from onnxmerge.errors import BadInputError, OnnxMergeError, VerificationError
+from onnxmerge.profiler import compare, profile
 from onnxmerge.version import __version__
 
-__all__ = ["fold", "FoldResult", "InferenceSession", "OnnxMergeError", "BadInputError", "VerificationError",
+__all__ = ["fold", "FoldResult", "InferenceSession", "profile", "compare", "OnnxMergeError", "BadInputError", "VerificationError",
            "__version__"]

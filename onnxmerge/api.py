@@ -11,6 +11,7 @@ from pathlib import Path
 
 import onnx
 
+from onnxmerge.environment import default_cache_dir
 from onnxmerge.errors import BadInputError, VerificationError
 from onnxmerge.io import ModelLike, io_signature, is_quantized, iter_tensors, load_model, save_model
 from onnxmerge.pass_framework import PassOptions
@@ -150,10 +151,6 @@ def _content_hash(path: Path, options: dict) -> str:
                 for chunk in iter(lambda: handle.read(1 << 24), b""):
                     digest.update(chunk)
     return digest.hexdigest()[:32]
-
-
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("ONNXMERGE_CACHE_DIR", Path.home() / ".cache" / "onnxmerge"))
 
 
 def InferenceSession(path: str | os.PathLike, sess_options=None, providers=None, *, passes: list[str] | None = None,

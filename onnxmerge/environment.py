@@ -3,14 +3,21 @@
 from __future__ import annotations
 
 import functools
+import os
 import platform
 import shutil
 import subprocess
 import sys
 from importlib import metadata
+from pathlib import Path
 
 from onnxmerge.ort import ort
 from onnxmerge.version import __version__
+
+
+def default_cache_dir() -> Path:
+    """Where folded models and latency tables are cached: $ONNXMERGE_CACHE_DIR or ~/.cache/onnxmerge."""
+    return Path(os.environ.get("ONNXMERGE_CACHE_DIR", Path.home() / ".cache" / "onnxmerge"))
 
 
 @functools.lru_cache(maxsize=1)

@@ -165,10 +165,12 @@ def save_model(
     input_path: Path | None = None,
     force: bool = False,
     external_data: bool | None = None,
+    external_threshold_bytes: int = EXTERNAL_DATA_THRESHOLD_BYTES,
 ) -> Path:
     """Write atomically (temp file + rename); external data when asked or when the 2 GB limit is near.
 
-    The input file is never overwritten unless ``force`` is set.
+    The input file is never overwritten unless ``force`` is set. ``external_data=None`` decides by size
+    (``external_threshold_bytes``, default just under protobuf's 2 GiB limit).
     """
     out = Path(path)
     if input_path is not None and out.resolve() == Path(input_path).resolve() and not force:
@@ -176,7 +178,7 @@ def save_model(
     if not out.parent.is_dir():
         raise BadInputError(f"output folder does not exist: {out.parent}")
     if external_data is None:
-        external_data = tensor_bytes(proto) >= EXTERNAL_DATA_THRESHOLD_BYTES
+        external_data = tensor_bytes(proto) >= external_threshold_bytes
     data_name = out.name + ".data"
     staging = Path(tempfile.mkdtemp(prefix=".onnxmerge-", dir=out.parent))
     try:

@@ -23,8 +23,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from onnxmerge.api import default_cache_dir
-from onnxmerge.environment import hardware_fingerprint
+from onnxmerge.environment import default_cache_dir, hardware_fingerprint
 from onnxmerge.errors import BadInputError
 from onnxmerge.graph import (conv_params, constant_value, import_graph, is_graph_output, sole_consumer,
                              weight_dtype)
@@ -32,7 +31,7 @@ from onnxmerge.io import ModelLike, clamp_ir_version, load_model
 from onnxmerge.profiler import profile
 from onnxmerge.report import write_json
 from onnxmerge.runner import check_timing_options, input_specs, parse_input_shapes
-from onnxmerge.stats import _static_shapes
+from onnxmerge.stats import static_shapes
 from onnxmerge.timing import LatencyStats
 
 OPSET = 17
@@ -40,7 +39,7 @@ DTYPES = ("float32", "float16")
 # Activations that are one ONNX op, both ways: what conv_model emits and what conv_signatures recognises.
 _SINGLE_OP_ACTIVATIONS = {"relu": "Relu", "hardswish": "HardSwish", "leaky_relu": "LeakyRelu", "sigmoid": "Sigmoid"}
 # Composites, written as opset-17 exporters write them: relu6 = Clip(0, 6), silu = x * Sigmoid(x),
-# gelu = x * 0.5 * (1 + Erf(x / sqrt(2))) (ORT fuses the last two patterns itself at "extended" and above).
+# gelu = x * 0.5 * (1 + Erf(x / sqrt(2))); ORT fuses them into QuickGelu and Gelu at "extended" and above.
 ACTIVATIONS = tuple(_SINGLE_OP_ACTIVATIONS) + ("relu6", "silu", "gelu")
 # Bump when conv_model changes what it builds: entries measured on the old models stop matching.
 CACHE_FORMAT = 1
@@ -261,10 +260,11 @@ def conv_signatures(model: ModelLike, input_shapes: dict | list[str] | None = No
 
     Nodes are named as :func:`onnxmerge.stats.node_costs` names them (``Conv_<index>`` when unnamed).
     Convs with ``auto_pad=SAME_*`` or non-constant weights are refused: ``fold`` makes pads explicit.
+    GELU is recognised as a ``Gelu`` node only, not as the Erf pattern, which is then left outside the table.
     """
     proto = load_model(model).proto
     shapes = parse_input_shapes(input_shapes) if isinstance(input_shapes, list) else input_shapes
-    tensor_shapes = _static_shapes(proto, {spec.name: spec.shape for spec in input_specs(proto, shapes)})
+    tensor_shapes = static_shapes(proto, {spec.name: spec.shape for spec in input_specs(proto, shapes)})
     graph = import_graph(proto)
     found = []
     for index, node in enumerate(graph.nodes):

@@ -27,7 +27,7 @@ def parameter_count(model: onnx.ModelProto) -> int:
     return total
 
 
-def _static_shapes(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple]:
+def static_shapes(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple]:
     """Every tensor's shape with the inputs pinned to ``input_shapes`` (tensors still unknown are absent)."""
     fixed = onnx.ModelProto()
     fixed.CopyFrom(model)
@@ -53,7 +53,7 @@ def _static_shapes(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ..
 
 def node_costs(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]]) -> dict[str, dict]:
     """Per node (by name, or op type and index when unnamed): MACs (None if unknown) and parameters."""
-    shapes = _static_shapes(model, input_shapes)
+    shapes = static_shapes(model, input_shapes)
     initializers = {t.name: t for t in model.graph.initializer}
     costs = {}
     for index, node in enumerate(model.graph.node):

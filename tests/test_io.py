@@ -38,6 +38,18 @@ def test_external_data_round_trip_loads_in_ort(tmp_path):
                                   make_session(model).run(None, feeds)[0])
 
 
+def test_external_data_is_chosen_automatically_above_the_threshold(tmp_path):
+    """The >2 GB rule, exercised with a small threshold: same code path, no 2 GB allocation in CI."""
+    model = _small_model()
+    small = save_model(model, tmp_path / "small.onnx")
+    assert not (tmp_path / "small.onnx.data").exists()
+    path = save_model(model, tmp_path / "big.onnx", external_threshold_bytes=1024)
+    assert (tmp_path / "big.onnx.data").is_file()
+    assert load_model(path).had_external_data and not load_model(small).had_external_data
+    feeds = {"x": np.ones((1, 3, 6, 6), np.float32)}
+    np.testing.assert_array_equal(make_session(path).run(None, feeds)[0], make_session(model).run(None, feeds)[0])
+
+
 def test_refuses_to_overwrite_input_without_force(tmp_path):
     path = save_model(_small_model(), tmp_path / "m.onnx")
     before = path.read_bytes()

@@ -109,20 +109,26 @@ def test_fewer_runs_than_cached_is_a_hit_and_a_corrupt_entry_is_remeasured(tmp_p
     assert table.misses == 1 and json.loads(entry.read_text())["latency"]["runs"] == 2
 
 
-def _fill(cache_dir: str, channels: list[int]) -> tuple[int, int]:
+def _fill(cache_dir: str, channels: list[int], start) -> None:
+    start.wait()  # both processes measure (and write) the shared signatures at the same time
     table = measure([sig(out_channels=c) for c in channels], cache_dir=cache_dir, runs=2, warmup=0)
-    return table.hits, table.misses
+    assert table.hits + table.misses == len(channels)
 
 
 def test_two_processes_fill_one_cache(tmp_path):
-    jobs = [(str(tmp_path), [4, 8, 12, 16, 20]), (str(tmp_path), [12, 16, 20, 24, 28])]
-    with multiprocessing.get_context("spawn").Pool(2) as pool:
-        results = pool.starmap(_fill, jobs)
-    assert all(hits + misses == 5 for hits, misses in results)
+    context = multiprocessing.get_context("spawn")
+    start = context.Barrier(2)
+    jobs = [context.Process(target=_fill, args=(str(tmp_path), channels, start))
+            for channels in (range(4, 64, 4), range(32, 92, 4))]
+    for job in jobs:
+        job.start()
+    for job in jobs:
+        job.join(timeout=60)
+    assert [job.exitcode for job in jobs] == [0, 0]
     files = sorted(tmp_path.iterdir())
-    assert len(files) == 7 and all(f.suffix == ".json" for f in files)  # no temporary file left behind
+    assert len(files) == 22 and all(f.suffix == ".json" for f in files)  # no temporary file left behind
     assert all(json.loads(f.read_text())["latency"]["median_ms"] > 0 for f in files)
-    assert measure([sig(out_channels=c) for c in range(4, 29, 4)], cache_dir=tmp_path, runs=2, warmup=0).hits == 7
+    assert measure([sig(out_channels=c) for c in range(4, 92, 4)], cache_dir=tmp_path, runs=2, warmup=0).hits == 22
 
 
 def small_network() -> onnx.ModelProto:
