@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
 import warnings
@@ -10,6 +11,9 @@ import warnings
 from rich.console import Console
 
 EXIT_OK, EXIT_VERIFICATION_FAILED, EXIT_BAD_INPUT, EXIT_INTERNAL = 0, 1, 2, 3
+# Feature packages that add subcommands: each module has register(commands), which adds its subparsers with
+# set_defaults(handler=fn), fn(args, console) -> exit code. Handlers import their API lazily.
+_FEATURE_COMMANDS: list[str] = []
 
 
 class _Parser(argparse.ArgumentParser):
@@ -62,6 +66,11 @@ def _build_parser() -> argparse.ArgumentParser:
     compare.add_argument("model_a", help="baseline .onnx model (A)")
     compare.add_argument("model_b", help="candidate .onnx model (B)")
     _add_timing_options(compare)
+    fold.set_defaults(handler=_run_fold)
+    profile.set_defaults(handler=_run_profile)
+    compare.set_defaults(handler=_run_compare)
+    for module_name in _FEATURE_COMMANDS:
+        importlib.import_module(module_name).register(commands)
     return parser
 
 
@@ -160,7 +169,6 @@ def _run_compare(args: argparse.Namespace, console: Console) -> int:
     return EXIT_OK
 
 
-COMMANDS = {"fold": _run_fold, "profile": _run_profile, "compare": _run_compare}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -176,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the report carries the warnings that matter
-            return COMMANDS[args.command](args, console)
+            return args.handler(args, console)
     except OnnxMergeError as error:
         errors.print(f"onnxmerge: error: {error}", highlight=False, markup=False, soft_wrap=True)
         return error.exit_code
