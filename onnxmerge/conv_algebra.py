@@ -298,15 +298,21 @@ def composition_refusal(first: ConvParams, second: ConvParams) -> str | None:
     return None
 
 
-def compose(first: ConvParams, second: ConvParams) -> ConvParams:
+def compose(first: ConvParams, second: ConvParams, *, pad_at_front: bool = False) -> ConvParams:
     """conv2(conv1(x)) as one conv, exactly, borders included; raises MergeRefused(reason) otherwise.
 
     Per axis, output r of the pair reads x at s1*(s2*r - P2b + d2*v) - P1b + d1*u: a conv with
     stride s1*s2, begin pad P1b + s1*P2b and taps d1*u + s1*d2*v. End pad P1e + s1*P2e gives the
     pair's output length for every input, since floor((floor(a/s1) - m)/s2) == floor((a - s1*m)/(s1*s2))
     for integers. Groups become gcd(g1, g2): block structure survives at that granularity.
+
+    ``pad_at_front=True`` skips the border check: the result is then exactly the pair in LayerMerge's
+    "pad once at the front" form (all padding moved onto the first conv, the second unpadded), which is
+    what depth compression trains and merges.
     """
     reason = composition_refusal(first, second)
+    if pad_at_front and reason and first.rank == second.rank and second.in_channels == first.out_channels:
+        reason = None
     if reason:
         raise MergeRefused(reason)
     s1 = first.strides

@@ -581,3 +581,19 @@ def test_add_parallel_property(branch_set):
     h = smallest_valid(branches[:1], 2)
     merged = assert_adds(branches, [(h, h)] + [(h + a, h + b) for a, b in extra], rng)
     assert merged.groups == np.gcd.reduce([b.groups for b in branches])
+
+
+def test_pad_at_front_composition_equals_the_pad_at_front_pair():
+    """LayerMerge's training form: all padding on the first conv, the second unpadded; compose() must match it."""
+    rng = np.random.default_rng(7)
+    first = ConvParams.make(rng.standard_normal((6, 4, 3, 3)), rng.standard_normal(6), pads=[1, 1, 1, 1])
+    second = ConvParams.make(rng.standard_normal((5, 6, 3, 3)), rng.standard_normal(5), pads=[1, 1, 1, 1])
+    with pytest.raises(MergeRefused):
+        compose(first, second)
+    merged = compose(first, second, pad_at_front=True)
+    front = ConvParams.make(first.weight, first.bias, pads=[2, 2, 2, 2])
+    unpadded = ConvParams.make(second.weight, second.bias)
+    x = random_input(rng, 4, (9, 9))
+    assert max_err(run(merged, x), run_chain([front, unpadded], x)) < 1e-9
+    with pytest.raises(MergeRefused, match="channel"):
+        compose(first, ConvParams.make(rng.standard_normal((5, 3, 1, 1))), pad_at_front=True)
