@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import sys
 import tempfile
@@ -29,11 +28,11 @@ import numpy as np
 import onnx
 
 import onnxmerge
+from bench.results_io import write_results
 from models.export import export
 from models.registry import MODELS, default_input_shape
 from onnxmerge.environment import describe
 from onnxmerge.errors import VerificationError, first_line
-from onnxmerge.io import atomic_write_bytes
 from onnxmerge.runner import input_specs, make_session, random_inputs
 from onnxmerge.timing import LatencyStats, RatioStats, time_interleaved
 
@@ -259,11 +258,7 @@ def main(argv: list[str] | None = None) -> int:
     results["wall_s"] = round(time.perf_counter() - started, 1)
 
     text = markdown(results)
-    for path in (args.out, args.json):
-        path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(args.out, text.encode())
-    atomic_write_bytes(args.json, (json.dumps(results, indent=2) + "\n").encode())
-    print(text)
+    write_results(args.out, args.json, text, results)
     return 0
 
 

@@ -13,15 +13,14 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from bench.results_io import write_results
 from models.export import export
 from onnxmerge.environment import describe
-from onnxmerge.io import atomic_write_bytes
 from onnxmerge.latency_table import additivity, conv_signatures, measure
 from onnxmerge.profiler import compare, profile
 
@@ -113,11 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="onnxmerge-bench-") as folder:
         results = run(args.runs, Path(folder))
     text = markdown(results)
-    for path in (args.out, args.json):
-        path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(args.out, text.encode())
-    atomic_write_bytes(args.json, (json.dumps(results, indent=2) + "\n").encode())
-    print(text)
+    write_results(args.out, args.json, text, results)
     return 0
 
 

@@ -65,6 +65,16 @@ class GraphBuilder:
         return model
 
 
+def relocate_external_data(path, location: str) -> None:
+    """Point every external tensor of the model file at ``location`` (to build hostile test models)."""
+    proto = onnx.load(str(path), load_external_data=False)
+    for tensor in proto.graph.initializer:
+        for entry in tensor.external_data:
+            if entry.key == "location":
+                entry.value = location
+    onnx.save(proto, str(path))
+
+
 def run_model(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
     return make_session(model, opt_level="disable").run(None, feeds)
 

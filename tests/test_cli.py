@@ -9,7 +9,7 @@ import pytest
 
 from onnxmerge.io import save_model
 
-from conftest import GraphBuilder, op_types
+from conftest import GraphBuilder, op_types, relocate_external_data
 
 
 def _cli(*args, cwd=None):
@@ -80,12 +80,7 @@ def test_bad_inputs_exit_2_and_leave_input_untouched(tmp_path, model_path, kind)
         needle = "missing"
     else:
         target = save_model(big.build(big.conv("x", 8, 64)), tmp_path / "x.onnx", external_data=True)
-        proto = onnx.load(str(target), load_external_data=False)
-        for tensor in proto.graph.initializer:
-            for entry in tensor.external_data:
-                if entry.key == "location":
-                    entry.value = "../../etc/passwd"
-        onnx.save(proto, str(target))
+        relocate_external_data(target, "../../etc/passwd")
         needle = "outside the model's folder"
     before = target.read_bytes()
     result = _cli("fold", target, tmp_path / "out.onnx")

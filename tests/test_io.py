@@ -9,7 +9,7 @@ from onnxmerge.errors import BadInputError
 from onnxmerge.io import io_signature, load_model, ort_max_ir_version, save_model
 from onnxmerge.runner import make_session
 
-from conftest import GraphBuilder
+from conftest import GraphBuilder, relocate_external_data
 
 
 def _small_model():
@@ -98,12 +98,7 @@ def test_external_data_outside_model_folder_is_refused(tmp_path):
     inner.mkdir()
     path = save_model(_small_model(), inner / "ext.onnx", external_data=True)
     (inner / "ext.onnx.data").rename(tmp_path / "secret.data")
-    proto = onnx.load(str(path), load_external_data=False)
-    for tensor in proto.graph.initializer:
-        for entry in tensor.external_data:
-            if entry.key == "location":
-                entry.value = "../secret.data"
-    onnx.save(proto, str(path))
+    relocate_external_data(path, "../secret.data")
     with pytest.raises(BadInputError, match="outside the model's folder"):
         load_model(path)
 
