@@ -1,0 +1,1 @@
+"""Depth compression (LayerMerge) for exported ONNX CNNs."""

@@ -1,0 +1,239 @@
+"""``onnxmerge.compress``: LayerMerge depth compression of an exported CNN, measured in ORT.
+
+load → canonicalise (exact fold) → analyse (chain, segments) → tables (latency in ORT, importance on
+calibration data) → plan (exact DP under a budget, closed loop on measured latency) → merge → recover
+(distillation in torch) → verify → save.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from onnxmerge.compress.build import SegmentChoice, apply_segments, dominant_activation
+from onnxmerge.compress.dp import Plan, join_tables, minimum_latency, solve
+from onnxmerge.compress.importance import ImportanceScorer, fidelity, option_key
+from onnxmerge.compress.segments import ChainAnalysis, KernelOption, analyse_chain
+from onnxmerge.errors import BadInputError
+from onnxmerge.io import ModelLike, load_model, save_model
+from onnxmerge.latency_table import ConvSignature, measure
+from onnxmerge.profiler import compare, profile
+from onnxmerge.runner import input_specs, make_session, parse_input_shapes
+
+MAX_ROUNDS = 3
+SPEEDUP_TOLERANCE = 0.98  # a measured speed-up within 2% of the target counts as reached
+
+
+@dataclass
+class Calibration:
+    """Calibration inputs split into a part to fit/train on and a held-out part to score on."""
+
+    fit: dict[str, np.ndarray]
+    held_out: dict[str, np.ndarray]
+    labels: np.ndarray | None  # of the held-out part
+
+    @property
+    def size(self) -> int:
+        return len(next(iter(self.fit.values()))) + len(next(iter(self.held_out.values())))
+
+
+def load_calibration(path: str | Path, model: onnx.ModelProto, held_out_fraction: float = 0.25) -> Calibration:
+    """Read ``.npz`` calibration data (one N×... array per model input, optional ``labels``) and check it."""
+    path = Path(path)
+    if not path.is_file():
+        raise BadInputError(f"calibration file not found: {path}")
+    try:
+        data = dict(np.load(path))
+    except (OSError, ValueError) as exc:
+        raise BadInputError(f"cannot read calibration file {path} as .npz ({exc})") from None
+    labels = data.pop("labels", None)
+    specs = input_specs(model)
+    names = {spec.name for spec in specs}
+    if set(data) != names:
+        raise BadInputError(f"calibration file {path} has arrays {sorted(data)}; the model's inputs are "
+                            f"{sorted(names)} (plus optional 'labels')")
+    counts = {len(array) for array in data.values()}
+    if len(counts) != 1 or min(counts) < 2:
+        raise BadInputError(f"calibration arrays need the same number (>= 2) of samples, got {sorted(counts)}")
+    count = counts.pop()
+    for spec in specs:
+        array = data[spec.name]
+        declared = model.graph.input[[v.name for v in model.graph.input].index(spec.name)].type.tensor_type.shape.dim
+        if array.ndim != len(declared) or any(d.HasField("dim_value") and axis > 0 and d.dim_value != size
+                                              for axis, (d, size) in enumerate(zip(declared, array.shape))):
+            raise BadInputError(f"calibration array '{spec.name}' has shape {list(array.shape)}, which does not "
+                                f"fit the model input {[d.dim_value or d.dim_param for d in declared]}")
+        data[spec.name] = array.astype(spec.dtype, copy=False)
+    if labels is not None and len(labels) != count:
+        raise BadInputError(f"'labels' has {len(labels)} entries for {count} calibration samples")
+    split = max(1, int(round(count * (1 - held_out_fraction))))
+    split = min(split, count - 1)
+    return Calibration(fit={k: v[:split] for k, v in data.items()}, held_out={k: v[split:] for k, v in data.items()},
+                       labels=None if labels is None else labels[split:])
+
+
+def _signature(analysis: ChainAnalysis, start: int, end: int, option: KernelOption, activation: str | None,
+               batch: int) -> ConvSignature:
+    return ConvSignature(in_channels=option.in_channels, out_channels=option.out_channels, kernel=option.kernel,
+                         input_hw=option.input_hw, stride=option.stride,
+                         groups=option.out_channels if option.depthwise else 1, padding="same",
+                         activation=activation, batch=batch)
+
+
+def _end_activation(analysis: ChainAnalysis, start: int, end: int, option: KernelOption) -> str | None:
+    kind = analysis.positions[end].activation
+    return kind if kind is not None or len(option.kept) < 2 else dominant_activation(analysis)
+
+
+@dataclass
+class CompressResult:
+    model: onnx.ModelProto | Path
+    proto: onnx.ModelProto
+    plan: Plan
+    report: dict = field(default_factory=dict)
+
+
+def compress(model: ModelLike, output: str | Path | None = None, *, calibration: str | Path,
+             speedup: float | None = None, latency_budget_ms: float | None = None, provider: str = "cpu",
+             threads: int = 1, input_shapes: list[str] | dict | None = None, recover_steps: int = 300,
+             recover: bool = True, lr: float = 1e-3, plan: str | Path | None = None, jobs: int = 1,
+             runs: int = 30, seed: int = 0, force: bool = False, progress: bool = False) -> CompressResult:
+    """Compress depth by merging convs across removed activations, under a latency target measured in ORT."""
+    if (speedup is None) == (latency_budget_ms is None) and plan is None:
+        raise BadInputError("give exactly one of --speedup and --latency-budget (or --plan)")
+    if speedup is not None and speedup <= 1.0:
+        raise BadInputError(f"--speedup must be > 1 (got {speedup})")
+    timings: dict[str, float] = {}
+    clock = time.perf_counter()
+
+    def phase(name: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        timings[name] = round(now - clock, 3)
+        clock = now
+
+    from onnxmerge.api import fold  # the exact canonicalisation, verified like `onnxmerge fold`
+
+    loaded = load_model(model)
+    calib = load_calibration(calibration, loaded.proto)
+    shapes = parse_input_shapes(input_shapes) if isinstance(input_shapes, list) else dict(input_shapes or {})
+    for name, array in calib.fit.items():  # latency is measured at batch 1 unless --input-shape says otherwise
+        shapes.setdefault(name, (1, *array.shape[1:]))
+    canonical = fold(loaded.proto, input_shapes=shapes).proto
+    phase("canonicalize")
+    analysis = analyse_chain(canonical, shapes)
+    phase("analyse")
+
+    options = {(s.start, s.end, option_key(o)): o for s in analysis.segments for o in s.options}
+    length = max(s.end for s in analysis.segments)
+    batch = next(iter(shapes.values()))[0]
+    signatures = {key: _signature(analysis, key[0], key[1], option, _end_activation(analysis, key[0], key[1], option),
+                                  batch) for key, option in options.items()}
+    table = measure(set(signatures.values()), provider=provider, threads=threads, runs=runs)
+    latency = {key: table[signature].median_ms for key, signature in signatures.items()}
+    original_ms = profile(canonical, provider=provider, threads=threads, runs=runs,
+                          input_shapes=shapes)["latency"]["median_ms"]
+    trivial = [(p - 1, p, key[2]) for p in range(1, length + 1) for key in options
+               if key[:2] == (p - 1, p) and options[key].kept == (p,)]
+    table_original_ms = sum(latency[key] for key in trivial)
+    phase("latency_table")
+
+    scorer = ImportanceScorer(canonical, analysis, calib.fit, holdout=calib.held_out, threads=threads)
+    importance = scorer.table([(s, e, options[(s, e, k)]) for (s, e, k) in options], jobs=jobs)
+    phase("importance_table")
+
+    choices = join_tables(latency, {key: entry.score for key, entry in importance.items()})
+    target_ms = original_ms / speedup if speedup is not None else latency_budget_ms
+    budget = _table_budget(target_ms, original_ms, table_original_ms)
+    fastest = minimum_latency(choices, length)
+    rounds = []
+    for round_index in range(MAX_ROUNDS):
+        if budget < fastest:
+            if round_index == 0:
+                reachable = original_ms * fastest / table_original_ms
+                raise BadInputError(f"the latency target {target_ms:.3f} ms is below the fastest possible plan "
+                                    f"(about {reachable:.3f} ms end to end, {original_ms / reachable:.2f}x)")
+            break
+        chosen = solve(choices, length, budget)
+        student = _build(canonical, analysis, chosen, options, importance, scorer)
+        measured = compare(canonical, student, provider=provider, threads=threads, runs=runs, input_shapes=shapes)
+        reached = measured["speedup"]["median"]
+        rounds.append({"budget_ms": budget, "predicted_table_ms": chosen.latency_ms,
+                       "measured_ms": measured["latency_b"]["median_ms"], "speedup": reached})
+        wanted = original_ms / target_ms
+        if reached >= wanted * SPEEDUP_TOLERANCE:
+            break
+        budget *= reached / wanted
+    phase("plan_and_build")
+
+    trained = None
+    if recover:
+        from onnxmerge.compress.recover import distill
+
+        trained = distill(student, canonical, calib.fit, steps=recover_steps, lr=lr, seed=seed, progress=progress)
+        student = trained.model
+    phase("recover")
+
+    reference = make_session(canonical, threads=threads).run(None, calib.held_out)
+    final_outputs = make_session(student, threads=threads).run(None, calib.held_out)
+    score, agreement = fidelity(reference, final_outputs)
+    final_compare = compare(canonical, student, provider=provider, threads=threads, runs=runs, input_shapes=shapes)
+    phase("verify")
+    report = {
+        "plan": chosen.to_dict(),
+        "segments": len(analysis.segments), "entries": analysis.entries,
+        "original_ms": original_ms, "table_original_ms": table_original_ms, "target_ms": target_ms,
+        "rounds": rounds,
+        "measured_speedup": final_compare["speedup"],
+        "predicted_ms": chosen.latency_ms + (original_ms - table_original_ms),
+        "measured_ms": final_compare["latency_b"]["median_ms"],
+        "fidelity": {"score": score, "top1_agreement": agreement,
+                     "max_abs_error": max(float(np.max(np.abs(a - b))) for a, b in zip(reference, final_outputs)),
+                     "mean_abs_error": float(np.mean([np.mean(np.abs(a - b)) for a, b in zip(reference, final_outputs)]))},
+        "recovery": None if trained is None else trained.summary(),
+        "wall_s": timings,
+    }
+    if calib.labels is not None and reference[0].ndim == 2:
+        report["fidelity"]["accuracy_original"] = float(np.mean(reference[0].argmax(1) == calib.labels))
+        report["fidelity"]["accuracy"] = float(np.mean(final_outputs[0].argmax(1) == calib.labels))
+    written = save_model(student, output, input_path=loaded.path, force=force) if output is not None else None
+    return CompressResult(model=written or student, proto=student, plan=chosen, report=report)
+
+
+def inspect(model: ModelLike, input_shapes: list[str] | dict | None = None):
+    """The chain, its segments and kernel options, as tables (``compress --inspect``)."""
+    from onnxmerge.api import fold
+    from onnxmerge.compress.segments import inspect_tables
+
+    shapes = parse_input_shapes(input_shapes) if isinstance(input_shapes, list) else input_shapes
+    canonical = fold(load_model(model).proto, input_shapes=shapes).proto
+    return inspect_tables(analyse_chain(canonical, shapes))
+
+
+def _table_budget(target_ms: float, original_ms: float, table_original_ms: float) -> float:
+    """Turn an end-to-end target into a budget for the table's part of the network.
+
+    The table covers the chain's convs; adds, pooling and the head take the rest, measured as the gap
+    between the end-to-end latency and the table's sum for the original plan. If the table over-counts
+    (per-conv sessions pay layout conversions a real chain pays once), the budget is scaled instead.
+    """
+    uncovered = original_ms - table_original_ms
+    if uncovered >= 0:
+        return target_ms - uncovered
+    return table_original_ms * target_ms / original_ms
+
+
+def _build(model: onnx.ModelProto, analysis: ChainAnalysis, plan: Plan, options: dict, importance: dict,
+           scorer: ImportanceScorer) -> onnx.ModelProto:
+    choices = [SegmentChoice(c.start, c.end, options[(c.start, c.end, c.option)]) for c in plan.choices]
+    overrides = {}
+    for choice in choices:
+        if importance[(choice.start, choice.end, option_key(choice.option))].method == "refit":
+            fitted = scorer.refit_params(choice)
+            if fitted is not None:
+                overrides[(choice.start, choice.end)] = fitted
+    return apply_segments(model, analysis, choices, overrides=overrides)

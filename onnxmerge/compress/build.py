@@ -1,0 +1,168 @@
+"""Turn chosen segments into one Conv each: LayerMerge's merge step on the ONNX graph.
+
+A segment (i, j] becomes one Conv reading the tensor at position i: its kept convs composed in the
+"pad once at the front" form (conv_algebra.compose(pad_at_front=True)), residual blocks that lie inside it
+absorbed into the kernel (identity or 1x1 projection at the padding offset), pruned reducible convs
+replaced by identity, and the activations strictly inside removed. What follows conv j in the original
+(an outer residual Add, the activation at j) is left as it is.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from collections import Counter
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from onnxmerge.compress.segments import ChainAnalysis, KernelOption, Skip
+from onnxmerge.conv_algebra import ConvParams, add_parallel, compose, identity_conv
+from onnxmerge.errors import BadInputError
+from onnxmerge.graph import conv_params, export_graph, import_graph, producer, set_conv_params, unique_name, weight_dtype
+from onnxmerge.io import clamp_ir_version
+
+
+@dataclass(frozen=True)
+class SegmentChoice:
+    """A segment (start, end] and the kernel option it is merged with."""
+
+    start: int
+    end: int
+    option: KernelOption
+
+    @property
+    def is_trivial(self) -> bool:
+        """One kept conv and nothing removed: the original network is left as it is."""
+        return self.end - self.start == 1 and self.option.kept == (self.end,)
+
+
+def merged_conv(analysis: ChainAnalysis, graph: gs.Graph, start: int, end: int, kept: tuple[int, ...]) -> ConvParams:
+    """The single conv that segment (start, end] with ``kept`` convs computes, in pad-at-front form."""
+    kept_set = set(kept)
+    nodes = {node.name: node for node in graph.nodes}
+
+    def run(a: int, b: int, enclosing: Skip | None) -> ConvParams | None:
+        result, position = None, a
+        while position < b:
+            inner = [s for s in analysis.skips if s.source == position and s.target <= b and s is not enclosing]
+            if inner:
+                skip = max(inner, key=lambda s: s.target)
+                block = residual(skip)
+                position = skip.target
+            else:
+                conv = analysis.convs[position + 1]
+                block = conv.params if conv.index in kept_set else None
+                position += 1
+            result = _then(result, block)
+        return result
+
+    def residual(skip: Skip) -> ConvParams:
+        body = run(skip.source, skip.target, skip)
+        channels = analysis.convs[skip.target].params.out_channels
+        rank = analysis.convs[skip.target].params.rank
+        if body is None:
+            body = identity_conv(channels, rank)
+        if skip.projection is None:
+            return add_parallel([body, identity_conv(channels, rank)])
+        projection = conv_params(nodes[skip.projection])
+        if isinstance(projection, str):
+            raise BadInputError(f"cannot read projection conv '{skip.projection}': {projection}")
+        return add_parallel([body, projection])
+
+    merged = run(start, end, None)
+    if merged is None:
+        raise BadInputError(f"segment ({start}, {end}] keeps no conv; every segment needs at least one")
+    return merged
+
+
+def _then(first: ConvParams | None, second: ConvParams | None) -> ConvParams | None:
+    if first is None or second is None:
+        return first if second is None else second
+    return compose(first, second, pad_at_front=True)
+
+
+def dominant_activation(analysis: ChainAnalysis) -> str | None:
+    """The network's own activation: what a merged segment ending at a linear position is given."""
+    kinds = Counter(p.activation for p in analysis.positions if p.activation is not None)
+    return kinds.most_common(1)[0][0] if kinds else None
+
+
+def apply_segments(model: onnx.ModelProto, analysis: ChainAnalysis, choices: list[SegmentChoice], *,
+                   overrides: dict[tuple[int, int], ConvParams] | None = None,
+                   activation_kind: str | None = None) -> onnx.ModelProto:
+    """The model with every non-trivial choice merged; trivial choices leave the graph untouched.
+
+    ``overrides`` gives the merged conv of a (start, end) directly (e.g. a refit), instead of composing.
+    A segment of two or more convs that ends at a linear position gets the network's activation there
+    (LayerMerge's rule: merged segments always end nonlinear); ``activation_kind`` overrides which one.
+    """
+    graph = import_graph(model)
+    tensors = graph.tensors()
+    nodes = {node.name: node for node in graph.nodes}
+    kind = activation_kind or dominant_activation(analysis)
+    for choice in choices:
+        if choice.is_trivial:
+            continue
+        params = (overrides or {}).get((choice.start, choice.end)) or \
+            merged_conv(analysis, graph, choice.start, choice.end, choice.option.kept)
+        last = nodes[analysis.convs[choice.end].node]
+        absorbed_add = next((s for s in analysis.skips if s.target == choice.end and s.source >= choice.start), None)
+        output = last.outputs[0]
+        if absorbed_add is not None:
+            output = nodes[absorbed_add.add_node].outputs[0]
+        merged = gs.Node("Conv", name=unique_name(graph, f"merged_{choice.start}_{choice.end}"),
+                         inputs=[tensors[analysis.positions[choice.start].tensor]], outputs=[])
+        graph.nodes.append(merged)
+        set_conv_params(graph, merged, params, weight_dtype(last))
+        _take_over(output, merged)
+        position = analysis.positions[choice.end]
+        if position.activation is None and len(choice.option.kept) > 1 and kind is not None:
+            _insert_activation(graph, tensors[position.tensor], kind)
+    graph.cleanup(remove_unused_graph_inputs=False)
+    result = export_graph(graph, model)
+    clamp_ir_version(result)
+    return result
+
+
+def _take_over(tensor: gs.Variable, node: gs.Node) -> None:
+    """Make ``node`` the producer of ``tensor`` (its old producer becomes dead and is cleaned up)."""
+    old = producer(tensor)
+    if old is not None:
+        index = next(i for i, t in enumerate(old.outputs) if t is tensor)
+        old.outputs[index] = gs.Variable(f"{tensor.name}__replaced", dtype=tensor.dtype)
+    node.outputs.append(tensor)
+
+
+def _insert_activation(graph: gs.Graph, tensor: gs.Variable, kind: str) -> None:
+    """Apply ``kind`` to ``tensor`` for every reader of it (graph outputs keep their name)."""
+    if any(out is tensor for out in graph.outputs):
+        raise BadInputError(f"cannot add an activation after graph output '{tensor.name}'")
+    activated = gs.Variable(unique_name(graph, f"{tensor.name}_{kind}"), dtype=tensor.dtype, shape=tensor.shape)
+    readers_before = list(tensor.outputs)
+    nodes = _activation_nodes(graph, kind, tensor, activated)
+    for reader in readers_before:
+        for index, value in enumerate(reader.inputs):
+            if value is tensor:
+                reader.inputs[index] = activated
+    graph.nodes.extend(nodes)
+
+
+def _activation_nodes(graph: gs.Graph, kind: str, source: gs.Variable, target: gs.Variable) -> list[gs.Node]:
+    name = unique_name(graph, f"{kind}_added")
+    if kind == "relu":
+        return [gs.Node("Relu", name=name, inputs=[source], outputs=[target])]
+    if kind == "relu6":
+        low = gs.Constant(unique_name(graph, f"{name}.min"), np.array(0.0, dtype=np.float32))
+        high = gs.Constant(unique_name(graph, f"{name}.max"), np.array(6.0, dtype=np.float32))
+        return [gs.Node("Clip", name=name, inputs=[source, low, high], outputs=[target])]
+    if kind == "hardswish":
+        return [gs.Node("HardSwish", name=name, inputs=[source], outputs=[target])]
+    if kind == "leaky_relu":
+        return [gs.Node("LeakyRelu", name=name, inputs=[source], outputs=[target], attrs={"alpha": 0.01})]
+    if kind == "silu":
+        gate = gs.Variable(unique_name(graph, f"{name}_sigmoid"), dtype=source.dtype)
+        return [gs.Node("Sigmoid", name=f"{name}_sigmoid", inputs=[source], outputs=[gate]),
+                gs.Node("Mul", name=name, inputs=[source, gate], outputs=[target])]
+    raise BadInputError(f"cannot insert a '{kind}' activation; supported: relu, relu6, hardswish, leaky_relu, silu")

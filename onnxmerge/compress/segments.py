@@ -1,0 +1,546 @@
+"""Where LayerMerge may act on an exported CNN: its conv chain, skips, breaks, segments and kernel options.
+
+LayerMerge's own code hard-wires these per architecture (layermerge.md §1); here they are read off the
+ONNX graph (§7.2) of a canonicalised model (BN/affine/Pad folded, no Identity/Constant). Where a generic
+walk has to choose what the hand-written model classes fixed, the conventions are:
+
+- the chain is the longest path of mergeable convs through the graph; convs off it are ``excluded``
+  (1x1 projection shortcuts of residual Adds, parallel branches, unsupported convs);
+- position 0 is after the stem (conv 0), which no segment contains;
+- a final pointwise conv that no skip closes at (MobileNetV2's 320->1280 conv, a segmentation 1x1
+  classifier) is the head conv and is kept aside like the stem, as LayerMerge keeps MobileNetV2's last
+  conv out of its DP;
+- a strided conv shares a segment at most with the one pointwise conv right after it (LayerMerge's
+  ``str_pos``): no kernel grows by a stride factor.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections import Counter
+from dataclasses import dataclass
+from functools import reduce
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+from rich.table import Table
+
+from onnxmerge.conv_algebra import ConvParams
+from onnxmerge.errors import BadInputError
+from onnxmerge.graph import conv_params, constant_value, import_graph, is_graph_output, producer, sole_consumer
+from onnxmerge.runner import input_specs, parse_input_shapes
+from onnxmerge.stats import static_shapes
+
+ACTIVATION_KINDS = ("relu", "relu6", "hardswish", "silu", "leaky_relu", "gelu", "sigmoid", "tanh")
+
+_ONE_NODE_ACTIVATIONS = {"Relu": "relu", "HardSwish": "hardswish", "LeakyRelu": "leaky_relu", "Gelu": "gelu",
+                         "Sigmoid": "sigmoid", "Tanh": "tanh"}
+
+
+@dataclass(frozen=True)
+class ChainConv:
+    index: int  # conv k ends position k; conv 0 is the first conv of the chain (stem)
+    node: str
+    output: str
+    params: ConvParams
+    input_shape: tuple[int, ...]
+    output_shape: tuple[int, ...]
+    reducible: bool  # C_in == C_out, stride 1, same spatial size in and out: may become identity
+
+
+@dataclass(frozen=True)
+class Position:
+    """After conv ``index``, its activation slot, a closing residual Add and an activation after that.
+
+    ``tensor`` is what conv index+1 reads: the position's value, or, where a break op (a pooling, a
+    Concat...) sits in between, that op's output. At the last position it is the chain's final value.
+    """
+
+    index: int
+    tensor: str
+    activation: str | None  # ACTIVATION_KINDS, None if linear
+    activation_nodes: tuple[str, ...]  # deleted when the activation is removed
+
+
+@dataclass(frozen=True)
+class Skip:
+    source: int  # position whose tensor feeds the shortcut
+    target: int  # the residual Add closing the branch that ends with conv ``target``
+    add_node: str
+    projection: str | None  # 1x1 projection Conv on the shortcut, None for identity
+
+
+@dataclass(frozen=True)
+class KernelOption:
+    kernel: tuple[int, ...]  # merged kernel per spatial axis, 1 + sum of d*(k-1)*(strides before)
+    stride: tuple[int, ...]
+    depthwise: bool  # every kept conv depthwise
+    kept: tuple[int, ...]  # the max-sum-|W| subset realising this option; irreducible convs always in
+    in_channels: int
+    out_channels: int
+    input_hw: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Segment:
+    start: int  # (start, end]: convs start+1 .. end
+    end: int
+    options: tuple[KernelOption, ...]
+
+
+@dataclass
+class ChainAnalysis:
+    convs: list[ChainConv]
+    positions: list[Position]
+    skips: list[Skip]
+    breaks: dict[int, str]  # position -> why no segment may contain it strictly inside
+    segments: list[Segment]
+    excluded: dict[str, str]  # Conv node -> why it is not on the chain
+
+    @property
+    def entries(self) -> int:
+        """(segment, kernel option) pairs: the rows of the latency and importance tables."""
+        return sum(len(segment.options) for segment in self.segments)
+
+
+def analyse_chain(model: onnx.ModelProto, input_shapes: dict | list[str] | None = None) -> ChainAnalysis:
+    """The chain, skips, breaks and segments of a canonicalised model at static input shapes.
+
+    ``input_shapes`` is ``{name: dims}`` (name None for a single input) or ``--input-shape`` strings; it
+    is required where a model input has a dynamic dimension, since kernel options depend on map sizes.
+    """
+    shapes = _static_shapes(model, input_shapes)
+    graph = import_graph(model)
+    graph.toposort()
+    flow = _DataFlow(list(graph.nodes))
+    usable, unusable = {}, {}
+    for node in graph.nodes:
+        if node.op == "Conv":
+            checked = _usable_conv(node, shapes)
+            (usable if isinstance(checked, ConvParams) else unusable)[id(node)] = checked
+    residuals = _residual_candidates(graph, flow, usable)
+    projections = {id(r.projection) for r in residuals.values() if r.projection is not None}
+    path = flow.longest_path(lambda node: id(node) in usable and id(node) not in projections)
+
+    reader_index = {conv.inputs[0].name: index for index, conv in enumerate(path)}
+    slots = [_slot(graph, conv, index, residuals, reader_index) for index, conv in enumerate(path)]
+    excluded = {node.name: reason for node in graph.nodes if (reason := unusable.get(id(node)))}
+    if len(path) > 2 and slots[-1].skip is None and all(k == 1 for k in usable[id(path[-1])].kernel_shape):
+        excluded[path.pop().name] = ("head conv: a final pointwise conv that no skip closes at, kept aside like "
+                                     "the stem (LayerMerge keeps MobileNetV2's last 1x1 conv out of its DP)")
+        slots.pop()
+    if len(path) < 2:
+        raise BadInputError(f"the model has no chain of convolutions to compress: {len(path)} mergeable Conv "
+                            "node(s) on its longest conv path, at least 2 are needed")
+
+    convs = [_chain_conv(index, node, usable[id(node)], shapes) for index, node in enumerate(path)]
+    skips = [slot.skip for slot in slots if slot.skip is not None]
+    on_chain = {node.name for node in path}
+    for node in graph.nodes:
+        if id(node) in usable and node.name not in on_chain and node.name not in excluded:
+            excluded[node.name] = _off_chain_reason(node, skips)
+    breaks = _breaks(graph, path, slots, skips, excluded)
+    _add_stride_breaks(convs, breaks)
+    positions = [Position(index, _position_tensor(path, slots, index), slot.activation,
+                          tuple(node.name for node in slot.activation_nodes))
+                 for index, slot in enumerate(slots)]
+    segments = [Segment(i, j, _kernel_options(convs[i + 1:j + 1]))
+                for i, j in _valid_segments(len(convs) - 1, breaks, [(s.source, s.target) for s in skips])]
+    analysis = ChainAnalysis(convs, positions, skips, breaks, segments, excluded)
+    _check_names(graph, analysis)
+    return analysis
+
+
+def _valid_segments(last: int, breaks, skips: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Segments (i, j] of positions 0..last: no break strictly inside, every skip nested, containing or apart.
+
+    This plain rule gives exactly the lists of LayerMerge's stateful ``valid_blks`` scan (layermerge.md §1.1).
+    """
+    return [(i, j) for i in range(last) for j in range(i + 1, last + 1)
+            if not any(i < b < j for b in breaks)
+            and all((s <= i and j <= t) or (i <= s and t <= j) or j <= s or t <= i for s, t in skips)]
+
+
+def inspect_tables(analysis: ChainAnalysis) -> list[Table]:
+    """What ``onnxmerge compress --inspect`` shows: the chain, the excluded convs and every segment's options."""
+    chain = Table(title=f"conv chain: positions 0..{len(analysis.convs) - 1}")
+    for column in ("#", "conv", "kernel", "in -> out", "reducible", "activation", "skips", "break"):
+        chain.add_column(column, overflow="fold")
+    for conv, position in zip(analysis.convs, analysis.positions):
+        skips = [f"{s.source}->{s.target} ({'projection' if s.projection else 'identity'})"
+                 for s in analysis.skips if conv.index in (s.source, s.target)]
+        shapes = f"{_dims(conv.input_shape[1:])} -> {_dims(conv.output_shape[1:])}"
+        chain.add_row(str(conv.index), conv.node, _describe_kernel(conv.params), shapes,
+                      "yes" if conv.reducible else "", position.activation or "linear", ", ".join(skips),
+                      analysis.breaks.get(conv.index, ""))
+    tables = [chain]
+    if analysis.excluded:
+        off = Table(title="convs not on the chain")
+        off.add_column("conv")
+        off.add_column("why", overflow="fold")
+        for name, reason in analysis.excluded.items():
+            off.add_row(name, reason)
+        tables.append(off)
+    segments = Table(title="segments", caption=f"{len(analysis.segments)} segments, "
+                                               f"{analysis.entries} (segment, kernel) entries")
+    for column in ("segment", "convs", "channels", "input", "kernel options (kept convs)"):
+        segments.add_column(column, overflow="fold")
+    for segment in analysis.segments:
+        first = segment.options[0]
+        options = "; ".join(f"{_dims(o.kernel)}{' dw' if o.depthwise else ''}"
+                            f"{'/' + _dims(o.stride) if max(o.stride) > 1 else ''} "
+                            f"({','.join(map(str, o.kept))})" for o in segment.options)
+        segments.add_row(f"({segment.start}, {segment.end}]", str(segment.end - segment.start),
+                         f"{first.in_channels} -> {first.out_channels}", _dims(first.input_hw), options)
+    tables.append(segments)
+    return tables
+
+
+# --- shapes and convs -------------------------------------------------------------------------------------
+
+
+def _static_shapes(model: onnx.ModelProto, input_shapes) -> dict[str, tuple[int, ...]]:
+    overrides = parse_input_shapes(input_shapes) if isinstance(input_shapes, list) else dict(input_shapes or {})
+    specs = input_specs(model, overrides)
+    dynamic = [spec.name for spec in specs if spec.assumed]
+    if dynamic:
+        example = f"{dynamic[0]}:{','.join(map(str, specs[0].shape))}"
+        raise BadInputError(f"model input(s) {dynamic} have dynamic dimensions; kernel options depend on map sizes, "
+                            f"so pass --input-shape (e.g. --input-shape {example})")
+    return static_shapes(model, {spec.name: spec.shape for spec in specs})
+
+
+def _usable_conv(node: gs.Node, shapes: dict) -> ConvParams | str:
+    """The conv's parameters if it can be merged, else why not."""
+    params = conv_params(node)
+    if isinstance(params, str):
+        return f"cannot read it: {params}"
+    if params.groups not in (1, params.in_channels):
+        return f"grouped conv (groups={params.groups} of {params.in_channels} input channels): only dense and " \
+               "depthwise convs merge"
+    if node.inputs[0].name not in shapes or node.outputs[0].name not in shapes:
+        return "its input or output shape could not be inferred"
+    return params
+
+
+def _chain_conv(index: int, node: gs.Node, params: ConvParams, shapes: dict) -> ChainConv:
+    input_shape, output_shape = shapes[node.inputs[0].name], shapes[node.outputs[0].name]
+    reducible = input_shape[1:] == output_shape[1:] and max(params.strides) == 1
+    return ChainConv(index, node.name, node.outputs[0].name, params, input_shape, output_shape, reducible)
+
+
+# --- data flow ----------------------------------------------------------------------------------------------
+
+_ENTRY = -1  # stands for the graph inputs and constants
+
+
+class _DataFlow:
+    """Node-level data flow (toposorted), with immediate dominators: where every path to a node passes."""
+
+    def __init__(self, nodes: list[gs.Node]):
+        self.nodes = nodes
+        self._index = index = {id(node): i for i, node in enumerate(nodes)}
+        self.preds = []
+        for node in nodes:
+            variables = [t for t in node.inputs if isinstance(t, gs.Variable) and t.name]
+            preds = {index[id(t.inputs[0])] for t in variables if t.inputs}
+            if not preds or any(not t.inputs for t in variables):
+                preds.add(_ENTRY)  # reads a graph input (or only constants)
+            self.preds.append(sorted(preds))
+        self._idom, depth = {_ENTRY: _ENTRY}, {_ENTRY: 0}
+
+        def meet(a: int, b: int) -> int:
+            while a != b:
+                if depth[a] >= depth[b]:
+                    a = self._idom[a]
+                else:
+                    b = self._idom[b]
+            return a
+
+        for i, preds in enumerate(self.preds):
+            self._idom[i] = reduce(meet, preds)
+            depth[i] = depth[self._idom[i]] + 1
+
+    def idom(self, node: gs.Node) -> gs.Node | None:
+        """The node every path from the inputs to ``node`` passes (None: the graph inputs themselves)."""
+        dominator = self._idom[self._index[id(node)]]
+        return None if dominator == _ENTRY else self.nodes[dominator]
+
+    def longest_path(self, counts) -> list[gs.Node]:
+        """The nodes ``counts`` accepts along the path that passes most of them (earliest on ties)."""
+        score, parent = {_ENTRY: 0}, {}
+        for i, preds in enumerate(self.preds):
+            parent[i] = max(preds, key=score.__getitem__)
+            score[i] = score[parent[i]] + counts(self.nodes[i])
+        if not self.nodes:
+            return []
+        i, path = max(range(len(self.nodes)), key=score.__getitem__), []
+        while i != _ENTRY:
+            if counts(self.nodes[i]):
+                path.append(self.nodes[i])
+            i = parent[i]
+        return path[::-1]
+
+
+@dataclass(frozen=True)
+class _Residual:
+    add: gs.Node
+    fork: gs.Tensor  # the value both operands start from
+    branch: gs.Tensor  # the operand carrying the chain
+    projection: gs.Node | None
+
+
+def _residual_candidates(graph: gs.Graph, flow: _DataFlow, usable: dict) -> dict[str, _Residual]:
+    """Adds of a branch and its own fork value (identity) or a 1x1 conv of it (projection), by branch tensor.
+
+    The fork is the Add's immediate dominator, so nothing enters between fork and Add; whether the branch
+    really is a run of chain convs is settled once the chain is known.
+    """
+    found = {}
+    for add in graph.nodes:
+        if add.op != "Add" or len(add.inputs) != 2 or any(constant_value(t) is not None for t in add.inputs):
+            continue
+        fork = flow.idom(add)
+        left, right = add.inputs
+        for shortcut, branch in ((left, right), (right, left)):
+            if shortcut is not branch and producer(shortcut) is fork:
+                found[branch.name] = _Residual(add, shortcut, branch, None)
+                break
+        else:
+            for shortcut, branch in ((left, right), (right, left)):
+                projection = producer(shortcut)
+                if (projection is not None and id(projection) in usable and sole_consumer(graph, shortcut) is add
+                        and all(k == 1 for k in usable[id(projection)].kernel_shape)
+                        and producer(projection.inputs[0]) is fork):
+                    found[branch.name] = _Residual(add, projection.inputs[0], branch, projection)
+                    break
+    return found
+
+
+# --- positions: activation slots and closing Adds -----------------------------------------------------------
+
+
+@dataclass
+class _Slot:
+    activation: str | None
+    activation_nodes: list[gs.Node]
+    value: gs.Tensor  # the position's value: after the activation, a closing Add and an activation after it
+    skip: Skip | None
+    residual: _Residual | None
+    reasons: list[str]  # breaks found on the way
+
+
+def _slot(graph: gs.Graph, conv: gs.Node, index: int, residuals: dict[str, _Residual],
+          reader_index: dict[str, int]) -> _Slot:
+    kind, nodes, value = _activation(graph, conv.outputs[0])
+    residual = residuals.get(value.name)
+    source = reader_index.get(residual.fork.name, 0) - 1 if residual else -1
+    if not 0 <= source < index:
+        return _Slot(kind, nodes, value, None, None, [])
+    reasons = []
+    if len(_readers(value)) > 1 or is_graph_output(graph, value):
+        reasons.append(f"the value before residual Add '{residual.add.name}' is also used elsewhere")
+    skip = Skip(source, index, residual.add.name, residual.projection.name if residual.projection else None)
+    value = residual.add.outputs[0]
+    if kind is None:
+        kind, nodes, value = _activation(graph, value)
+    return _Slot(kind, nodes, value, skip, residual, reasons)
+
+
+def _readers(tensor: gs.Tensor) -> list[gs.Node]:
+    return list({id(node): node for node in tensor.outputs}.values())
+
+
+def _activation(graph: gs.Graph, value: gs.Tensor) -> tuple[str | None, list[gs.Node], gs.Tensor]:
+    """The activation slot reading ``value`` and nothing reading it but the slot: (kind, nodes, output)."""
+    readers = _readers(value)
+    if is_graph_output(graph, value) or len(readers) not in (1, 2):
+        return None, [], value
+    if len(readers) == 1:
+        node = readers[0]
+        if node.op == "Clip":
+            kind = "relu6" if _clip_bounds(node) == (0.0, 6.0) else None
+        else:
+            kind = _ONE_NODE_ACTIVATIONS.get(node.op)
+        return (kind, [node], node.outputs[0]) if kind else (None, [], value)
+    return _gated_activation(graph, value, readers) or (None, [], value)
+
+
+def _clip_bounds(node: gs.Node) -> tuple[float, float] | None:
+    """(min, max) of a Clip, from its inputs (opset >= 11) or attributes (older opsets)."""
+    if len(node.inputs) > 1:
+        bounds = [constant_value(t) if t.name else None for t in node.inputs[1:3]]
+    else:
+        bounds = [node.attrs.get("min"), node.attrs.get("max")]
+    if len(bounds) != 2 or any(b is None or np.size(b) != 1 for b in bounds):
+        return None
+    return float(np.asarray(bounds[0]).reshape(())), float(np.asarray(bounds[1]).reshape(()))
+
+
+def _gated_activation(graph: gs.Graph, x: gs.Tensor, readers: list[gs.Node]):
+    """x * gate(x): SiLU (Sigmoid), HardSwish (HardSigmoid 1/6, 0.5), GELU's Erf form (x * (erf(x/sqrt2) + 1)) * 0.5."""
+    muls = [r for r in readers if r.op == "Mul"]
+    for mul in muls:
+        gate_start = next(r for r in readers if r is not mul)
+        gate, tensor = [gate_start], gate_start.outputs[0]
+        while len(gate) < 4 and (follower := sole_consumer(graph, tensor)) is not None and follower is not mul:
+            gate.append(follower)
+            tensor = follower.outputs[0]
+        if sole_consumer(graph, tensor) is not mul or {id(t) for t in mul.inputs} != {id(x), id(tensor)}:
+            continue
+        ops = tuple(node.op for node in gate)
+        output = mul.outputs[0]
+        if ops == ("Sigmoid",):
+            return "silu", [*gate, mul], output
+        if ops == ("HardSigmoid",) and math.isclose(gate[0].attrs.get("alpha", 0.2), 1 / 6, rel_tol=1e-4) \
+                and math.isclose(gate[0].attrs.get("beta", 0.5), 0.5, rel_tol=1e-4):
+            return "hardswish", [*gate, mul], output
+        half = sole_consumer(graph, output)
+        scaled = ("Div", math.sqrt(2)) if ops[0] == "Div" else ("Mul", math.sqrt(0.5))
+        if ops[1:] == ("Erf", "Add") and half is not None and _is_scalar_operand(gate[0], *scaled, x) \
+                and _is_scalar_operand(gate[2], "Add", 1.0, gate[1].outputs[0]) \
+                and _is_scalar_operand(half, "Mul", 0.5, output):
+            return "gelu", [*gate, mul, half], half.outputs[0]
+    return None
+
+
+def _is_scalar_operand(node: gs.Node, op: str, value: float, tensor: gs.Tensor) -> bool:
+    """Whether ``node`` is ``tensor op value`` for a constant scalar (float32-close; either order but for Div)."""
+    if node.op != op or len(node.inputs) != 2 or not any(t is tensor for t in node.inputs):
+        return False
+    if op == "Div" and node.inputs[0] is not tensor:
+        return False
+    constant = constant_value(node.inputs[1] if node.inputs[0] is tensor else node.inputs[0])
+    return constant is not None and constant.size == 1 and math.isclose(float(constant.reshape(())), value,
+                                                                           rel_tol=1e-6)
+
+
+def _position_tensor(path: list[gs.Node], slots: list[_Slot], index: int) -> str:
+    return path[index + 1].inputs[0].name if index + 1 < len(path) else slots[index].value.name
+
+
+# --- breaks -------------------------------------------------------------------------------------------------
+
+
+def _breaks(graph: gs.Graph, path: list[gs.Node], slots: list[_Slot], skips: list[Skip],
+            excluded: dict[str, str]) -> dict[int, str]:
+    """Positions that a merged conv cannot run through: anything but the next chain conv (and the
+    shortcuts of recorded skips) reads them, or something other than them sits before the next conv."""
+    shortcut_readers = {}
+    for slot in slots:
+        if slot.residual is not None:
+            reader = slot.residual.projection or slot.residual.add
+            shortcut_readers.setdefault(slot.residual.fork.name, set()).add(id(reader))
+
+    def describe(node: gs.Node) -> str:
+        reason = excluded.get(node.name) if node.op == "Conv" else None
+        return f"{node.op} '{node.name}'" + (f" ({reason})" if reason else "")
+
+    breaks = {}
+    for index, slot in enumerate(slots[:-1]):
+        reasons = list(slot.reasons)
+        value, following = slot.value, path[index + 1]
+        if is_graph_output(graph, value):
+            reasons.append("its value is a graph output")
+        between = None
+        if following.inputs[0] is not value:
+            between = producer(following.inputs[0])
+            reasons.append(f"{describe(between)} sits between conv {index} and conv {index + 1}" if between
+                           else f"conv {index + 1} reads graph input '{following.inputs[0].name}'")
+        legit = {id(following), id(between)} | shortcut_readers.get(value.name, set())
+        reasons += [f"its value also feeds {describe(r)}" for r in _readers(value) if id(r) not in legit]
+        if reasons:
+            breaks[index] = "; ".join(reasons)
+    return breaks
+
+
+def _add_stride_breaks(convs: list[ChainConv], breaks: dict[int, str]) -> None:
+    """A strided conv may merge only with the pointwise conv right after it (LayerMerge's ``str_pos``):
+    a k>1 conv after a stride would need its kernel dilated by the stride inside the merged conv."""
+    for conv, following in zip(convs, convs[1:]):
+        stride = max(conv.params.strides)
+        if stride == 1 or conv.index in breaks:
+            continue
+        if max(following.params.kernel_shape) > 1:
+            breaks[conv.index] = (f"conv {conv.index} has stride {stride} and conv {following.index} a "
+                                  f"{_dims(following.params.kernel_shape)} kernel")
+        elif following.index < len(convs) - 1:
+            reason = f"conv {conv.index} has stride {stride}: only the pointwise conv {following.index} may join it"
+            breaks[following.index] = "; ".join(filter(None, (breaks.get(following.index), reason)))
+
+
+def _off_chain_reason(node: gs.Node, skips: list[Skip]) -> str:
+    skip = next((s for s in skips if s.projection == node.name), None)
+    if skip is not None:
+        return f"projection shortcut of skip {skip.source}->{skip.target} (Add '{skip.add_node}')"
+    return "on a branch parallel to the chain (the chain is the longest path of mergeable convs)"
+
+
+# --- kernel options -----------------------------------------------------------------------------------------
+
+
+def _kernel_options(members: list[ChainConv]) -> tuple[KernelOption, ...]:
+    """Every (kernel, depthwise) a segment can merge into, each with the kept subset of largest sum |W|.
+
+    Convs of equal (reach, depthwise) are interchangeable for the kernel, so per such group only how many
+    are kept matters (from its irreducible members to all of it), and the largest |W| sums come from
+    keeping its heaviest reducible members (LayerMerge's find_max_importance_candidate).
+    """
+    rank = members[0].params.rank
+    strides_before, groups = (1,) * rank, {}
+    for conv in members:
+        p = conv.params
+        reach = tuple(d * (k - 1) * s for d, k, s in zip(p.dilations, p.kernel_shape, strides_before))
+        strides_before = tuple(a * b for a, b in zip(strides_before, p.strides))
+        groups.setdefault((reach, p.is_depthwise), []).append(conv)
+    l1 = {conv.index: float(np.abs(conv.params.weight).sum()) for conv in members}
+    choices = []
+    for (reach, depthwise), group in groups.items():
+        fixed = [c.index for c in group if not c.reducible]
+        optional = sorted((c.index for c in group if c.reducible), key=lambda i: -l1[i])
+        choices.append([(reach, depthwise, fixed + optional[:n]) for n in range(len(optional) + 1)])
+    best = {}
+    for combination in itertools.product(*choices):
+        kept = sorted(i for _, _, indices in combination for i in indices)
+        if not kept:
+            continue
+        kernel = tuple(1 + sum(len(indices) * reach[axis] for reach, _, indices in combination)
+                       for axis in range(rank))
+        depthwise = all(dw for _, dw, indices in combination if indices)
+        total = sum(l1[i] for i in kept)
+        if (kernel, depthwise) not in best or total > best[kernel, depthwise][0]:
+            best[kernel, depthwise] = (total, tuple(kept))
+    first, last = members[0], members[-1]
+    return tuple(KernelOption(kernel, strides_before, depthwise, kept, first.params.in_channels,
+                              last.params.out_channels, first.input_shape[2:])
+                 for (kernel, depthwise), (_, kept) in sorted(best.items(), key=lambda item: (item[0][1], item[0][0])))
+
+
+# --- reporting helpers ----------------------------------------------------------------------------------------
+
+
+def _check_names(graph: gs.Graph, analysis: ChainAnalysis) -> None:
+    """The analysis names nodes, so the names it uses must pick out one node each."""
+    counts = Counter(node.name for node in graph.nodes)
+    named = [c.node for c in analysis.convs] + list(analysis.excluded)
+    named += [n for p in analysis.positions for n in p.activation_nodes]
+    named += [n for s in analysis.skips for n in (s.add_node, s.projection) if n is not None]
+    ambiguous = sorted({name for name in named if not name or counts[name] > 1})
+    if ambiguous:
+        raise BadInputError(f"nodes on the conv chain need unique, non-empty names; these are missing or shared: "
+                            f"{ambiguous}")
+
+
+def _dims(values) -> str:
+    return "x".join(map(str, values))
+
+
+def _describe_kernel(params: ConvParams) -> str:
+    text = _dims(params.kernel_shape)
+    if max(params.strides) > 1:
+        text += f" s{_dims(params.strides)}"
+    if max(params.dilations) > 1:
+        text += f" d{_dims(params.dilations)}"
+    return text + (" dw" if params.is_depthwise else "")
