@@ -135,7 +135,7 @@ def _first_failing_pass(original: onnx.ModelProto, pass_names: list[str], option
     return run.steps[-1].pass_name if run.steps else "<none>"
 
 
-def _content_hash(path: Path, options: dict) -> str:
+def content_hash(path: Path, options: dict) -> str:
     """Hash of the model file, its external data files and the options: the pre-pass cache key."""
     digest = hashlib.sha256()
     digest.update(json.dumps(options, sort_keys=True, default=str).encode())
@@ -166,7 +166,7 @@ def InferenceSession(path: str | os.PathLike, sess_options=None, providers=None,
         raise BadInputError(f"model file not found: {path}")
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     cache.mkdir(parents=True, exist_ok=True)
-    key = _content_hash(path, {"passes": passes, **fold_options})
+    key = content_hash(path, {"passes": passes, **fold_options})
     cached = cache / f"{path.stem}-{key}.onnx"
     target = cached
     if not cached.is_file():

@@ -12,11 +12,11 @@ from rich.text import Text
 from onnxmerge.io import atomic_write_bytes
 
 
-def _fmt_int(value) -> str:
+def format_int(value) -> str:
     return "?" if value is None else f"{value:,}"
 
 
-def _fmt_bytes(value) -> str:
+def format_bytes(value) -> str:
     if value is None:
         return "?"
     for unit in ("B", "KiB", "MiB", "GiB"):
@@ -42,8 +42,8 @@ def fold_table(report: dict) -> Table:
         b, a = before["ops"].get(op, 0), after.get("ops", {}).get(op, 0)
         table.add_row(op, str(b), f"[{_delta_style(b, a)}]{a}[/]" if _delta_style(b, a) else str(a))
     table.add_section()
-    rows = [("nodes", "nodes", _fmt_int), ("parameters", "parameters", _fmt_int), ("MACs", "macs", _fmt_int),
-            ("size", "size_bytes", _fmt_bytes)]
+    rows = [("nodes", "nodes", format_int), ("parameters", "parameters", format_int), ("MACs", "macs", format_int),
+            ("size", "size_bytes", format_bytes)]
     for label, key, fmt in rows:
         b, a = before.get(key), after.get(key)
         style = _delta_style(b, a)
@@ -91,11 +91,11 @@ def profile_tables(report: dict, top: int = 15) -> list[Table]:
     facts.add_column()
     facts.add_column(justify="right")
     memory, static = report["memory"], report["static"]
-    facts.add_row("peak RSS during timed runs", _fmt_bytes(memory["peak_rss_bytes"]))
+    facts.add_row("peak RSS during timed runs", format_bytes(memory["peak_rss_bytes"]))
     if memory["device_bytes"] is not None:
-        facts.add_row("device memory in use", _fmt_bytes(memory["device_bytes"]))
-    facts.add_row("MACs", _fmt_int(static["macs"]))
-    facts.add_row("parameters", _fmt_int(static["parameters"]))
+        facts.add_row("device memory in use", format_bytes(memory["device_bytes"]))
+    facts.add_row("MACs", format_int(static["macs"]))
+    facts.add_row("parameters", format_int(static["parameters"]))
     facts.add_row("inputs", ", ".join(f"{k}: {v}" for k, v in env["input_shapes"].items()))
     tables = [latency, facts]
     if "per_node" in report:
@@ -131,7 +131,7 @@ def breakdown_tables(breakdown: dict, top: int = 15) -> list[Table]:
     for row in sorted(breakdown['nodes'], key=lambda node: node["mean_us"], reverse=True)[:top]:
         provider = (row['provider'] or "?").removesuffix("ExecutionProvider")
         nodes.add_row(Text(row['name']), Text(row['op_type']), Text(provider), f"{row['mean_us']:,.1f}",
-                      f"{row['share']:.1%}", f"{row['calls_per_run']:g}", _fmt_int(row['macs']),
+                      f"{row['share']:.1%}", f"{row['calls_per_run']:g}", format_int(row['macs']),
                       "" if row['gmacs_per_s'] is None else f"{row['gmacs_per_s']:,.2f}")
     ops = Table(title="time per op type")
     ops.add_column("op")

@@ -7,6 +7,7 @@ calibration data) → plan (exact DP under a budget, closed loop on measured lat
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,10 +19,11 @@ from onnxmerge.compress.build import SegmentChoice, apply_segments, dominant_act
 from onnxmerge.compress.dp import Plan, join_tables, minimum_latency, solve
 from onnxmerge.compress.importance import ImportanceScorer, fidelity, option_key
 from onnxmerge.compress.segments import ChainAnalysis, KernelOption, analyse_chain
-from onnxmerge.errors import BadInputError
+from onnxmerge.errors import BadInputError, first_line
 from onnxmerge.io import ModelLike, load_model, save_model
 from onnxmerge.latency_table import ConvSignature, measure
 from onnxmerge.profiler import compare, profile
+from onnxmerge.report import write_json
 from onnxmerge.runner import input_specs, make_session, parse_input_shapes
 
 MAX_ROUNDS = 3
@@ -76,15 +78,14 @@ def load_calibration(path: str | Path, model: onnx.ModelProto, held_out_fraction
                        labels=None if labels is None else labels[split:])
 
 
-def _signature(analysis: ChainAnalysis, start: int, end: int, option: KernelOption, activation: str | None,
-               batch: int) -> ConvSignature:
+def _signature(option: KernelOption, activation: str | None, batch: int) -> ConvSignature:
     return ConvSignature(in_channels=option.in_channels, out_channels=option.out_channels, kernel=option.kernel,
                          input_hw=option.input_hw, stride=option.stride,
                          groups=option.out_channels if option.depthwise else 1, padding="same",
                          activation=activation, batch=batch)
 
 
-def _end_activation(analysis: ChainAnalysis, start: int, end: int, option: KernelOption) -> str | None:
+def _end_activation(analysis: ChainAnalysis, end: int, option: KernelOption) -> str | None:
     kind = analysis.positions[end].activation
     return kind if kind is not None or len(option.kept) < 2 else dominant_activation(analysis)
 
@@ -120,9 +121,7 @@ def compress(model: ModelLike, output: str | Path | None = None, *, calibration:
 
     loaded = load_model(model)
     calib = load_calibration(calibration, loaded.proto)
-    shapes = parse_input_shapes(input_shapes) if isinstance(input_shapes, list) else dict(input_shapes or {})
-    for name, array in calib.fit.items():  # latency is measured at batch 1 unless --input-shape says otherwise
-        shapes.setdefault(name, (1, *array.shape[1:]))
+    shapes = _static_shapes(loaded.proto, input_shapes)
     canonical = fold(loaded.proto, input_shapes=shapes).proto
     phase("canonicalize")
     analysis = analyse_chain(canonical, shapes)
@@ -130,45 +129,57 @@ def compress(model: ModelLike, output: str | Path | None = None, *, calibration:
 
     options = {(s.start, s.end, option_key(o)): o for s in analysis.segments for o in s.options}
     length = max(s.end for s in analysis.segments)
-    batch = next(iter(shapes.values()))[0]
-    signatures = {key: _signature(analysis, key[0], key[1], option, _end_activation(analysis, key[0], key[1], option),
-                                  batch) for key, option in options.items()}
-    table = measure(set(signatures.values()), provider=provider, threads=threads, runs=runs)
-    latency = {key: table[signature].median_ms for key, signature in signatures.items()}
     original_ms = profile(canonical, provider=provider, threads=threads, runs=runs,
                           input_shapes=shapes)["latency"]["median_ms"]
-    trivial = [(p - 1, p, key[2]) for p in range(1, length + 1) for key in options
-               if key[:2] == (p - 1, p) and options[key].kept == (p,)]
-    table_original_ms = sum(latency[key] for key in trivial)
-    phase("latency_table")
-
+    target_ms = original_ms / speedup if speedup is not None else latency_budget_ms  # None: a reused plan decides
     scorer = ImportanceScorer(canonical, analysis, calib.fit, holdout=calib.held_out, threads=threads)
-    importance = scorer.table([(s, e, options[(s, e, k)]) for (s, e, k) in options], jobs=jobs)
-    phase("importance_table")
+    plan_path = Path(plan) if plan is not None else None
+    rounds: list[dict] = []
+    if plan_path is not None and plan_path.is_file() or target_ms is None:
+        if plan_path is None or not plan_path.is_file():
+            raise BadInputError(f"plan file not found: {plan_path}; give --speedup or --latency-budget to make one")
+        chosen, refit = read_plan(plan_path, options)
+        student = _build(canonical, analysis, chosen, options, refit, scorer)
+        phase("plan_and_build")
+        table_original_ms = None
+    else:
+        batch = next(iter(shapes.values()))[0]
+        signatures = {key: _signature(option, _end_activation(analysis, key[1], option), batch)
+                      for key, option in options.items()}
+        table = measure(set(signatures.values()), provider=provider, threads=threads, runs=runs)
+        latency = {key: table[signature].median_ms for key, signature in signatures.items()}
+        trivial = [key for key, option in options.items() if key[1] - key[0] == 1 and option.kept == (key[1],)]
+        table_original_ms = sum(latency[key] for key in trivial)
+        phase("latency_table")
 
-    choices = join_tables(latency, {key: entry.score for key, entry in importance.items()})
-    target_ms = original_ms / speedup if speedup is not None else latency_budget_ms
-    budget = _table_budget(target_ms, original_ms, table_original_ms)
-    fastest = minimum_latency(choices, length)
-    rounds = []
-    for round_index in range(MAX_ROUNDS):
+        importance = scorer.table(list((s, e, options[(s, e, k)]) for (s, e, k) in options), jobs=jobs)
+        refit = {(s, e) for (s, e, _), entry in importance.items() if entry.method == "refit"}
+        phase("importance_table")
+
+        choices = join_tables(latency, {key: entry.score for key, entry in importance.items()})
+        budget = _table_budget(target_ms, original_ms, table_original_ms)
+        fastest = minimum_latency(choices, length)
         if budget < fastest:
-            if round_index == 0:
-                reachable = original_ms * fastest / table_original_ms
-                raise BadInputError(f"the latency target {target_ms:.3f} ms is below the fastest possible plan "
-                                    f"(about {reachable:.3f} ms end to end, {original_ms / reachable:.2f}x)")
-            break
-        chosen = solve(choices, length, budget)
-        student = _build(canonical, analysis, chosen, options, importance, scorer)
-        measured = compare(canonical, student, provider=provider, threads=threads, runs=runs, input_shapes=shapes)
-        reached = measured["speedup"]["median"]
-        rounds.append({"budget_ms": budget, "predicted_table_ms": chosen.latency_ms,
-                       "measured_ms": measured["latency_b"]["median_ms"], "speedup": reached})
+            reachable = original_ms * fastest / table_original_ms
+            raise BadInputError(f"the latency target {target_ms:.3f} ms is below the fastest possible plan "
+                                f"(about {reachable:.3f} ms end to end, a {original_ms / reachable:.2f}x speed-up)")
         wanted = original_ms / target_ms
-        if reached >= wanted * SPEEDUP_TOLERANCE:
-            break
-        budget *= reached / wanted
-    phase("plan_and_build")
+        for _ in range(MAX_ROUNDS):
+            chosen = solve(choices, length, max(budget, fastest))
+            chosen_refit = {(c.start, c.end) for c in chosen.choices} & refit
+            student = _build(canonical, analysis, chosen, options, chosen_refit, scorer)
+            measured = compare(canonical, student, provider=provider, threads=threads, runs=runs,
+                               input_shapes=shapes)
+            reached = measured["speedup"]["median"]
+            rounds.append({"budget_ms": budget, "predicted_table_ms": chosen.latency_ms,
+                           "measured_ms": measured["latency_b"]["median_ms"], "speedup": reached})
+            if reached >= wanted * SPEEDUP_TOLERANCE or budget <= fastest:
+                break
+            budget *= reached / wanted  # the table was optimistic: tighten by the shortfall and solve again
+        refit = chosen_refit
+        if plan_path is not None:
+            write_plan(plan_path, chosen, refit)
+        phase("plan_and_build")
 
     trained = None
     if recover:
@@ -188,8 +199,10 @@ def compress(model: ModelLike, output: str | Path | None = None, *, calibration:
         "segments": len(analysis.segments), "entries": analysis.entries,
         "original_ms": original_ms, "table_original_ms": table_original_ms, "target_ms": target_ms,
         "rounds": rounds,
+        "reached_target": None if target_ms is None else
+        final_compare["speedup"]["median"] >= original_ms / target_ms * SPEEDUP_TOLERANCE,
         "measured_speedup": final_compare["speedup"],
-        "predicted_ms": chosen.latency_ms + (original_ms - table_original_ms),
+        "predicted_table_ms": chosen.latency_ms,
         "measured_ms": final_compare["latency_b"]["median_ms"],
         "fidelity": {"score": score, "top1_agreement": agreement,
                      "max_abs_error": max(float(np.max(np.abs(a - b))) for a, b in zip(reference, final_outputs)),
@@ -204,13 +217,29 @@ def compress(model: ModelLike, output: str | Path | None = None, *, calibration:
     return CompressResult(model=written or student, proto=student, plan=chosen, report=report)
 
 
+def _static_shapes(model: onnx.ModelProto, input_shapes: list[str] | dict | None) -> dict[str, tuple[int, ...]]:
+    """The shapes latency is measured at: --input-shape, else the model's own dims with the batch at 1.
+
+    The latency table is shape-specific, so dynamic dims other than the batch must be pinned by the user.
+    """
+    given = parse_input_shapes(input_shapes) if isinstance(input_shapes, list) else dict(input_shapes or {})
+    specs = input_specs(model, given)
+    for spec in specs:
+        unpinned = [note for note in spec.assumed if not note.startswith(f"{spec.name}[0]")]
+        if unpinned:
+            raise BadInputError(f"input '{spec.name}' has dynamic dims ({'; '.join(unpinned)}); compression measures "
+                                f"latency at static shapes: pass --input-shape {spec.name}:1,...")
+    return {spec.name: spec.shape for spec in specs}
+
+
 def inspect(model: ModelLike, input_shapes: list[str] | dict | None = None):
     """The chain, its segments and kernel options, as tables (``compress --inspect``)."""
     from onnxmerge.api import fold
     from onnxmerge.compress.segments import inspect_tables
 
-    shapes = parse_input_shapes(input_shapes) if isinstance(input_shapes, list) else input_shapes
-    canonical = fold(load_model(model).proto, input_shapes=shapes).proto
+    proto = load_model(model).proto
+    shapes = _static_shapes(proto, input_shapes)
+    canonical = fold(proto, input_shapes=shapes).proto
     return inspect_tables(analyse_chain(canonical, shapes))
 
 
@@ -227,13 +256,31 @@ def _table_budget(target_ms: float, original_ms: float, table_original_ms: float
     return table_original_ms * target_ms / original_ms
 
 
-def _build(model: onnx.ModelProto, analysis: ChainAnalysis, plan: Plan, options: dict, importance: dict,
-           scorer: ImportanceScorer) -> onnx.ModelProto:
+def _build(model: onnx.ModelProto, analysis: ChainAnalysis, plan: Plan, options: dict,
+           refit: set[tuple[int, int]], scorer: ImportanceScorer) -> onnx.ModelProto:
     choices = [SegmentChoice(c.start, c.end, options[(c.start, c.end, c.option)]) for c in plan.choices]
     overrides = {}
     for choice in choices:
-        if importance[(choice.start, choice.end, option_key(choice.option))].method == "refit":
+        if (choice.start, choice.end) in refit:
             fitted = scorer.refit_params(choice)
             if fitted is not None:
                 overrides[(choice.start, choice.end)] = fitted
     return apply_segments(model, analysis, choices, overrides=overrides)
+
+
+def write_plan(path: Path, plan: Plan, refit: set[tuple[int, int]]) -> None:
+    write_json({"plan": plan.to_dict(), "refit": sorted(map(list, refit))}, path)
+
+
+def read_plan(path: Path, options: dict) -> tuple[Plan, set[tuple[int, int]]]:
+    """A saved plan, checked against this model's segments (a plan from another model is refused)."""
+    try:
+        data = json.loads(path.read_text())
+        plan = Plan.from_dict(data["plan"])
+        refit = {tuple(pair) for pair in data.get("refit", [])}
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise BadInputError(f"cannot read plan {path}: {first_line(exc)}") from None
+    unknown = [(c.start, c.end, c.option) for c in plan.choices if (c.start, c.end, c.option) not in options]
+    if unknown:
+        raise BadInputError(f"plan {path} does not fit this model: no segment/option {unknown[0]}")
+    return plan, refit

@@ -13,9 +13,12 @@ def compress_tables(report: dict) -> list[Table]:
     fidelity = report["fidelity"]
     summary.add_row("measured speed-up (interleaved, median)",
                     f"{speedup['median']:.3f}x (p10 {speedup['p10']:.3f}, p90 {speedup['p90']:.3f})")
-    summary.add_row("latency original / target / measured",
-                    f"{report['original_ms']:.3f} / {report['target_ms']:.3f} / {report['measured_ms']:.3f} ms")
-    summary.add_row("predicted latency (table + uncovered part)", f"{report['predicted_ms']:.3f} ms")
+    target = "-" if report["target_ms"] is None else f"{report['target_ms']:.3f}"
+    summary.add_row("latency original / target / measured (ms)",
+                    f"{report['original_ms']:.3f} / {target} / {report['measured_ms']:.3f}")
+    if report["reached_target"] is False:
+        summary.add_row("[yellow]target reached[/]", "[yellow]no: best plan within the bounded rounds[/]")
+    summary.add_row("predicted latency of the chain (table)", f"{report['predicted_table_ms']:.3f} ms")
     if fidelity.get("top1_agreement") is not None:
         summary.add_row("top-1 agreement with the original (held out)", f"{fidelity['top1_agreement']:.2%}")
     if "accuracy" in fidelity:
