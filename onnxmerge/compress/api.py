@@ -185,7 +185,8 @@ def compress(model: ModelLike, output: str | Path | None = None, *, calibration:
     if recover:
         from onnxmerge.compress.recover import distill
 
-        trained = distill(student, canonical, calib.fit, steps=recover_steps, lr=lr, seed=seed, progress=progress)
+        trained = distill(student, canonical, calib.fit, steps=recover_steps, lr=lr, seed=seed, progress=progress,
+                          threads=threads)
         student = trained.model
     phase("recover")
 
