@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxmerge.pipeline import run_pipeline
@@ -73,6 +74,22 @@ def relocate_external_data(path, location: str) -> None:
             if entry.key == "location":
                 entry.value = location
     onnx.save(proto, str(path))
+
+
+@pytest.fixture(scope="session")
+def trained_digits(tmp_path_factory):
+    """``train_digits(arch, seed)`` once per test session: several test files need the same trained nets."""
+    from models.digits import train_digits
+
+    cache = {}
+
+    def get(arch: str, seed: int = 0):
+        if (arch, seed) not in cache:
+            folder = tmp_path_factory.mktemp(f"digits_{arch}_{seed}")
+            cache[(arch, seed)] = train_digits(arch, seed=seed, out_path=folder / f"digits_{arch}.onnx")
+        return cache[(arch, seed)]
+
+    return get
 
 
 def run_model(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:

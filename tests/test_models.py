@@ -16,7 +16,7 @@ from onnx import numpy_helper
 from torch import nn
 
 from models import INPUT_SHAPES, MODELS, build, default_input_shape
-from models.digits import load_digits_split, ort_accuracy, train_digits
+from models.digits import load_digits_split, ort_accuracy
 from models.export import EXAMPLE_PATH, export, export_example
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -234,11 +234,11 @@ def test_digits_split():
 
 
 @pytest.mark.parametrize("arch", ["resnet", "mobilenet"])
-def test_digits_trainer_reaches_97_percent_in_ort(tmp_path, arch):
-    out = tmp_path / f"{arch}.onnx"
-    res = train_digits(arch, seed=0, out_path=out)
+def test_digits_trainer_reaches_97_percent_in_ort(trained_digits, arch):
+    res = trained_digits(arch)
+    out = res.path
     assert res.accuracy >= 0.97, res.accuracy
-    assert res.path == str(out) and out.exists()
+    assert Path(out).exists()
     assert ops(out)["BatchNormalization"] == count_modules(f"digits_{arch}", nn.BatchNorm2d)
     assert ort_accuracy(str(out), res.x_test, res.y_test) == res.accuracy
     assert res.x_calib.shape == (256, *res.x_test.shape[1:])

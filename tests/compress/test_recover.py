@@ -13,7 +13,7 @@ import torch
 from onnx import numpy_helper
 
 from conftest import GraphBuilder, run_model
-from models.digits import load_digits_split, ort_accuracy, train_digits
+from models.digits import load_digits_split, ort_accuracy
 from onnxmerge.compress.recover import distill
 from onnxmerge.compress.torch_bridge import OnnxModule
 from onnxmerge.errors import BadInputError
@@ -42,8 +42,8 @@ def initializers(model: onnx.ModelProto) -> dict[str, np.ndarray]:
 
 
 @pytest.fixture(scope="module")
-def digits():
-    trained = train_digits("resnet", seed=0)
+def digits(trained_digits):
+    trained = trained_digits("resnet")
     x_train, _, x_test, y_test = load_digits_split(0)
     return trained.model, x_train, x_test, y_test
 

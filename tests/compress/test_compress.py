@@ -1,0 +1,114 @@
+"""End to end on the digits-trained nets, plan reuse, and bad inputs (one-line errors, exit 2)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import pytest
+
+from onnxmerge.compress.api import compress
+from onnxmerge.errors import BadInputError
+from onnxmerge.io import save_model
+from onnxmerge.runner import make_session
+
+from conftest import GraphBuilder, op_types
+
+# Held-out digits accuracy may drop by at most this much (7 of 360 images) after a short recovery.
+ACCURACY_TOLERANCE = 0.02
+
+
+@pytest.fixture(scope="module", params=["resnet", "mobilenet"])
+def trained(request, tmp_path_factory, trained_digits):
+    folder = tmp_path_factory.mktemp(request.param)
+    result = trained_digits(request.param)
+    save_model(result.model, folder / "model.onnx")
+    np.savez(folder / "calib.npz", input=result.x_calib)
+    return folder, result
+
+
+def _accuracy(model, trained) -> float:
+    outputs = make_session(model).run(None, {"input": trained.x_test})[0]
+    return float(np.mean(outputs.argmax(1) == trained.y_test))
+
+
+def test_compress_end_to_end_keeps_accuracy_and_reuses_its_plan(trained):
+    folder, digits = trained
+    plan = folder / "plan.json"
+    result = compress(folder / "model.onnx", folder / "out.onnx", calibration=folder / "calib.npz", speedup=1.15,
+                      recover_steps=200, runs=10, plan=plan)
+    report = result.report
+    original = onnx.load(folder / "model.onnx")
+    compressed = onnx.load(folder / "out.onnx")
+    assert op_types(compressed).count("Conv") < op_types(original).count("Conv")
+    assert report["predicted_table_ms"] < report["table_original_ms"]
+    assert report["measured_speedup"]["median"] > 0 and report["rounds"]
+    assert _accuracy(compressed, digits) >= _accuracy(original, digits) - ACCURACY_TOLERANCE
+    assert report["recovery"]["max_abs_error"] <= report["recovery"]["tolerance"]  # final ONNX == trained net
+    assert set(report["wall_s"]) >= {"canonicalize", "analyse", "latency_table", "importance_table", "recover"}
+    saved = json.loads(plan.read_text())
+    assert saved["plan"]["choices"]
+    again = compress(folder / "model.onnx", None, calibration=folder / "calib.npz", plan=plan, recover=False,
+                     runs=3)
+    assert again.plan.to_dict() == result.plan.to_dict()
+    assert "importance_table" not in again.report["wall_s"]
+
+
+def test_budget_below_the_fastest_plan_names_the_minimum(trained):
+    folder, _ = trained
+    with pytest.raises(BadInputError, match="below the fastest possible plan"):
+        compress(folder / "model.onnx", None, calibration=folder / "calib.npz", speedup=50.0, recover=False,
+                 runs=5)
+
+
+@pytest.mark.parametrize("kind,match", [
+    ("missing", "calibration file not found"),
+    ("names", "model's inputs are"),
+    ("shape", "does not fit the model input"),
+])
+def test_bad_calibration_is_refused(tmp_path, kind, match):
+    g = GraphBuilder(("N", 3, 8, 8))
+    model = save_model(g.build(g.node("Relu", [g.conv(g.node("Relu", [g.conv("x", 3, 4, pads=[1, 1, 1, 1])]), 4, 4,
+                                                               pads=[1, 1, 1, 1])])), tmp_path / "m.onnx")
+    calib = tmp_path / "calib.npz"
+    if kind == "names":
+        np.savez(calib, image=np.zeros((4, 3, 8, 8), np.float32))
+    elif kind == "shape":
+        np.savez(calib, x=np.zeros((4, 3, 9, 9), np.float32))
+    with pytest.raises(BadInputError, match=match):
+        compress(model, None, calibration=calib, speedup=1.2, recover=False)
+
+
+def test_dynamic_spatial_dims_need_input_shape(tmp_path):
+    g = GraphBuilder(("N", 3, "H", "W"))
+    model = save_model(g.build(g.conv(g.node("Relu", [g.conv("x", 3, 4, pads=[1, 1, 1, 1])]), 4, 4)),
+                       tmp_path / "m.onnx")
+    np.savez(tmp_path / "calib.npz", x=np.zeros((4, 3, 8, 8), np.float32))
+    with pytest.raises(BadInputError, match="--input-shape"):
+        compress(model, None, calibration=tmp_path / "calib.npz", speedup=1.2, recover=False)
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "onnxmerge", "compress", *map(str, args)], capture_output=True,
+                          text=True, env={**os.environ, "COLUMNS": "160"})
+
+
+def test_cli_inspect_and_bad_inputs(tmp_path):
+    g = GraphBuilder((1, 3, 8, 8))
+    chain = g.node("Relu", [g.conv(g.node("Relu", [g.conv("x", 3, 4, pads=[1, 1, 1, 1])]), 4, 4, pads=[1, 1, 1, 1])])
+    model = save_model(g.build(g.node("Relu", [g.conv(chain, 4, 4, pads=[1, 1, 1, 1])])), tmp_path / "m.onnx")
+    inspected = _cli(model, "--inspect")
+    assert inspected.returncode == 0, inspected.stderr
+    assert "segments" in inspected.stdout and "entries" in inspected.stdout
+    no_chain = GraphBuilder((1, 3, 8, 8))
+    flat = save_model(no_chain.build(no_chain.node("Relu", ["x"])), tmp_path / "flat.onnx")
+    np.savez(tmp_path / "calib.npz", x=np.zeros((4, 3, 8, 8), np.float32))
+    for args, needle in [((flat, "--inspect"), "no chain of convolutions"),
+                         ((model, tmp_path / "o.onnx", "--speedup", "1.2"), "--calib"),
+                         ((model, tmp_path / "o.onnx", "--calib", tmp_path / "nope.npz", "--speedup", "1.2"),
+                          "not found")]:
+        result = _cli(*args)
+        assert result.returncode == 2, (args, result.stdout, result.stderr)
+        assert needle in result.stderr and "Traceback" not in result.stderr
