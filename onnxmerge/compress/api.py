@@ -98,124 +98,196 @@ class CompressResult:
     report: dict = field(default_factory=dict)
 
 
+class _PhaseClock:
+    """Wall time per pipeline phase, for the report."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def __call__(self, name: str) -> None:
+        now = time.perf_counter()
+        self.seconds[name] = round(now - self._last, 3)
+        self._last = now
+
+
+@dataclass
+class CompressionProblem:
+    """Everything the DP needs for one model on one target: measured once, solved at any budget."""
+
+    canonical: onnx.ModelProto
+    analysis: ChainAnalysis
+    shapes: dict[str, tuple[int, ...]]
+    calibration: Calibration
+    options: dict[tuple[int, int, str], KernelOption]
+    scorer: ImportanceScorer
+    original_ms: float
+    provider: str
+    threads: int
+    runs: int
+    latency: dict[tuple[int, int, str], float] = field(default_factory=dict)
+    importance: dict = field(default_factory=dict)
+
+    @property
+    def length(self) -> int:
+        return max(s.end for s in self.analysis.segments)
+
+    @property
+    def table_original_ms(self) -> float:
+        """The table's latency of the unchanged network (every segment a single kept conv)."""
+        return sum(self.latency[key] for key, option in self.options.items()
+                   if key[1] - key[0] == 1 and option.kept == (key[1],))
+
+    def measure_tables(self, jobs: int = 1, clock: _PhaseClock | None = None) -> None:
+        batch = next(iter(self.shapes.values()))[0]
+        signatures = {key: _signature(option, _end_activation(self.analysis, key[1], option), batch)
+                      for key, option in self.options.items()}
+        table = measure(set(signatures.values()), provider=self.provider, threads=self.threads, runs=self.runs)
+        self.latency = {key: table[signature].median_ms for key, signature in signatures.items()}
+        if clock:
+            clock("latency_table")
+        self.importance = self.scorer.table([(s, e, self.options[(s, e, k)]) for (s, e, k) in self.options],
+                                            jobs=jobs)
+        if clock:
+            clock("importance_table")
+
+    def build(self, plan: Plan, refit: set[tuple[int, int]]) -> onnx.ModelProto:
+        return _build(self.canonical, self.analysis, plan, self.options, refit, self.scorer)
+
+    def solve_for(self, target_ms: float) -> tuple[Plan, set[tuple[int, int]], onnx.ModelProto, list[dict]]:
+        """The DP under the budget for ``target_ms``, re-solved with a tighter budget while ORT says it missed."""
+        choices = join_tables(self.latency, {key: entry.score for key, entry in self.importance.items()})
+        refit = {(s, e) for (s, e, _), entry in self.importance.items() if entry.method == "refit"}
+        budget = _table_budget(target_ms, self.original_ms, self.table_original_ms)
+        fastest = minimum_latency(choices, self.length)
+        if budget < fastest:
+            reachable = self.original_ms * fastest / self.table_original_ms
+            raise BadInputError(f"the latency target {target_ms:.3f} ms is below the fastest possible plan "
+                                f"(about {reachable:.3f} ms end to end, a {self.original_ms / reachable:.2f}x "
+                                "speed-up)")
+        wanted = self.original_ms / target_ms
+        rounds = []
+        for _ in range(MAX_ROUNDS):
+            plan = solve(choices, self.length, max(budget, fastest))
+            chosen_refit = {(c.start, c.end) for c in plan.choices} & refit
+            student = self.build(plan, chosen_refit)
+            measured = self.compare(student)
+            reached = measured["speedup"]["median"]
+            rounds.append({"budget_ms": budget, "predicted_table_ms": plan.latency_ms,
+                           "measured_ms": measured["latency_b"]["median_ms"], "speedup": reached})
+            if reached >= wanted * SPEEDUP_TOLERANCE or budget <= fastest:
+                break
+            budget *= reached / wanted  # the table was optimistic: tighten by the shortfall and solve again
+        return plan, chosen_refit, student, rounds
+
+    def compare(self, student: onnx.ModelProto) -> dict:
+        return compare(self.canonical, student, provider=self.provider, threads=self.threads, runs=self.runs,
+                       input_shapes=self.shapes)
+
+
+def prepare(model: ModelLike, calibration: str | Path, *, provider: str = "cpu", threads: int = 1,
+            input_shapes: list[str] | dict | None = None, runs: int = 30,
+            clock: _PhaseClock | None = None) -> tuple[CompressionProblem, Path | None]:
+    """Load, canonicalise (the exact, verified fold) and analyse; measure the original end to end."""
+    from onnxmerge.api import fold
+
+    clock = clock or _PhaseClock()
+    loaded = load_model(model)
+    calib = load_calibration(calibration, loaded.proto)
+    shapes = _static_shapes(loaded.proto, input_shapes)
+    canonical = fold(loaded.proto, input_shapes=shapes).proto
+    clock("canonicalize")
+    analysis = analyse_chain(canonical, shapes)
+    clock("analyse")
+    original_ms = profile(canonical, provider=provider, threads=threads, runs=runs,
+                          input_shapes=shapes)["latency"]["median_ms"]
+    problem = CompressionProblem(
+        canonical=canonical, analysis=analysis, shapes=shapes, calibration=calib,
+        options={(s.start, s.end, option_key(o)): o for s in analysis.segments for o in s.options},
+        scorer=ImportanceScorer(canonical, analysis, calib.fit, holdout=calib.held_out, threads=threads),
+        original_ms=original_ms, provider=provider, threads=threads, runs=runs)
+    return problem, loaded.path
+
+
 def compress(model: ModelLike, output: str | Path | None = None, *, calibration: str | Path,
              speedup: float | None = None, latency_budget_ms: float | None = None, provider: str = "cpu",
              threads: int = 1, input_shapes: list[str] | dict | None = None, recover_steps: int = 300,
              recover: bool = True, lr: float = 1e-3, plan: str | Path | None = None, jobs: int = 1,
              runs: int = 30, seed: int = 0, force: bool = False, progress: bool = False) -> CompressResult:
     """Compress depth by merging convs across removed activations, under a latency target measured in ORT."""
-    if (speedup is None) == (latency_budget_ms is None) and plan is None:
-        raise BadInputError("give exactly one of --speedup and --latency-budget (or --plan)")
+    if speedup is not None and latency_budget_ms is not None:
+        raise BadInputError("give one of --speedup and --latency-budget, not both")
     if speedup is not None and speedup <= 1.0:
         raise BadInputError(f"--speedup must be > 1 (got {speedup})")
-    timings: dict[str, float] = {}
-    clock = time.perf_counter()
-
-    def phase(name: str) -> None:
-        nonlocal clock
-        now = time.perf_counter()
-        timings[name] = round(now - clock, 3)
-        clock = now
-
-    from onnxmerge.api import fold  # the exact canonicalisation, verified like `onnxmerge fold`
-
-    loaded = load_model(model)
-    calib = load_calibration(calibration, loaded.proto)
-    shapes = _static_shapes(loaded.proto, input_shapes)
-    canonical = fold(loaded.proto, input_shapes=shapes).proto
-    phase("canonicalize")
-    analysis = analyse_chain(canonical, shapes)
-    phase("analyse")
-
-    options = {(s.start, s.end, option_key(o)): o for s in analysis.segments for o in s.options}
-    length = max(s.end for s in analysis.segments)
-    original_ms = profile(canonical, provider=provider, threads=threads, runs=runs,
-                          input_shapes=shapes)["latency"]["median_ms"]
-    target_ms = original_ms / speedup if speedup is not None else latency_budget_ms  # None: a reused plan decides
-    scorer = ImportanceScorer(canonical, analysis, calib.fit, holdout=calib.held_out, threads=threads)
     plan_path = Path(plan) if plan is not None else None
+    reuse = plan_path is not None and plan_path.is_file()
+    if speedup is None and latency_budget_ms is None and not reuse:
+        raise BadInputError("give --speedup X or --latency-budget MS (or an existing --plan file)")
+    clock = _PhaseClock()
+    problem, input_path = prepare(model, calibration, provider=provider, threads=threads, input_shapes=input_shapes,
+                                  runs=runs, clock=clock)
+    target_ms = problem.original_ms / speedup if speedup is not None else latency_budget_ms
     rounds: list[dict] = []
-    if plan_path is not None and plan_path.is_file() or target_ms is None:
-        if plan_path is None or not plan_path.is_file():
-            raise BadInputError(f"plan file not found: {plan_path}; give --speedup or --latency-budget to make one")
-        chosen, refit = read_plan(plan_path, options)
-        student = _build(canonical, analysis, chosen, options, refit, scorer)
-        phase("plan_and_build")
-        table_original_ms = None
+    if reuse:
+        chosen, refit = read_plan(plan_path, problem.options)
+        student = problem.build(chosen, refit)
     else:
-        batch = next(iter(shapes.values()))[0]
-        signatures = {key: _signature(option, _end_activation(analysis, key[1], option), batch)
-                      for key, option in options.items()}
-        table = measure(set(signatures.values()), provider=provider, threads=threads, runs=runs)
-        latency = {key: table[signature].median_ms for key, signature in signatures.items()}
-        trivial = [key for key, option in options.items() if key[1] - key[0] == 1 and option.kept == (key[1],)]
-        table_original_ms = sum(latency[key] for key in trivial)
-        phase("latency_table")
-
-        importance = scorer.table(list((s, e, options[(s, e, k)]) for (s, e, k) in options), jobs=jobs)
-        refit = {(s, e) for (s, e, _), entry in importance.items() if entry.method == "refit"}
-        phase("importance_table")
-
-        choices = join_tables(latency, {key: entry.score for key, entry in importance.items()})
-        budget = _table_budget(target_ms, original_ms, table_original_ms)
-        fastest = minimum_latency(choices, length)
-        if budget < fastest:
-            reachable = original_ms * fastest / table_original_ms
-            raise BadInputError(f"the latency target {target_ms:.3f} ms is below the fastest possible plan "
-                                f"(about {reachable:.3f} ms end to end, a {original_ms / reachable:.2f}x speed-up)")
-        wanted = original_ms / target_ms
-        for _ in range(MAX_ROUNDS):
-            chosen = solve(choices, length, max(budget, fastest))
-            chosen_refit = {(c.start, c.end) for c in chosen.choices} & refit
-            student = _build(canonical, analysis, chosen, options, chosen_refit, scorer)
-            measured = compare(canonical, student, provider=provider, threads=threads, runs=runs,
-                               input_shapes=shapes)
-            reached = measured["speedup"]["median"]
-            rounds.append({"budget_ms": budget, "predicted_table_ms": chosen.latency_ms,
-                           "measured_ms": measured["latency_b"]["median_ms"], "speedup": reached})
-            if reached >= wanted * SPEEDUP_TOLERANCE or budget <= fastest:
-                break
-            budget *= reached / wanted  # the table was optimistic: tighten by the shortfall and solve again
-        refit = chosen_refit
+        problem.measure_tables(jobs=jobs, clock=clock)
+        chosen, refit, student, rounds = problem.solve_for(target_ms)
         if plan_path is not None:
             write_plan(plan_path, chosen, refit)
-        phase("plan_and_build")
+    clock("plan_and_build")
 
     trained = None
     if recover:
         from onnxmerge.compress.recover import distill
 
-        trained = distill(student, canonical, calib.fit, steps=recover_steps, lr=lr, seed=seed, progress=progress,
-                          threads=threads)
+        trained = distill(student, problem.canonical, problem.calibration.fit, steps=recover_steps, lr=lr,
+                          seed=seed, progress=progress, threads=threads)
         student = trained.model
-    phase("recover")
+    clock("recover")
 
-    reference = make_session(canonical, threads=threads).run(None, calib.held_out)
-    final_outputs = make_session(student, threads=threads).run(None, calib.held_out)
-    score, agreement = fidelity(reference, final_outputs)
-    final_compare = compare(canonical, student, provider=provider, threads=threads, runs=runs, input_shapes=shapes)
-    phase("verify")
-    report = {
+    report = _report(problem, chosen, student, target_ms, rounds, trained, clock)
+    written = save_model(student, output, input_path=input_path, force=force) if output is not None else None
+    return CompressResult(model=written or student, proto=student, plan=chosen, report=report)
+
+
+def evaluate(problem: CompressionProblem, student: onnx.ModelProto) -> dict:
+    """Fidelity of a compressed model to the original on the held-out calibration inputs."""
+    calib = problem.calibration
+    reference = make_session(problem.canonical, threads=problem.threads).run(None, calib.held_out)
+    outputs = make_session(student, threads=problem.threads).run(None, calib.held_out)
+    score, agreement = fidelity(reference, outputs)
+    result = {"score": score, "top1_agreement": agreement,
+              "max_abs_error": max(float(np.max(np.abs(a - b))) for a, b in zip(reference, outputs)),
+              "mean_abs_error": float(np.mean([np.mean(np.abs(a - b)) for a, b in zip(reference, outputs)]))}
+    if calib.labels is not None and reference[0].ndim == 2:
+        result["accuracy_original"] = float(np.mean(reference[0].argmax(1) == calib.labels))
+        result["accuracy"] = float(np.mean(outputs[0].argmax(1) == calib.labels))
+    return result
+
+
+def _report(problem: CompressionProblem, chosen: Plan, student: onnx.ModelProto, target_ms: float | None,
+            rounds: list[dict], trained, clock: _PhaseClock) -> dict:
+    fidelity_report = evaluate(problem, student)
+    final = problem.compare(student)
+    clock("verify")
+    return {
         "plan": chosen.to_dict(),
-        "segments": len(analysis.segments), "entries": analysis.entries,
-        "original_ms": original_ms, "table_original_ms": table_original_ms, "target_ms": target_ms,
+        "segments": len(problem.analysis.segments), "entries": problem.analysis.entries,
+        "original_ms": problem.original_ms,
+        "table_original_ms": problem.table_original_ms if problem.latency else None,
+        "target_ms": target_ms,
         "rounds": rounds,
         "reached_target": None if target_ms is None else
-        final_compare["speedup"]["median"] >= original_ms / target_ms * SPEEDUP_TOLERANCE,
-        "measured_speedup": final_compare["speedup"],
+        final["speedup"]["median"] >= problem.original_ms / target_ms * SPEEDUP_TOLERANCE,
+        "measured_speedup": final["speedup"],
         "predicted_table_ms": chosen.latency_ms,
-        "measured_ms": final_compare["latency_b"]["median_ms"],
-        "fidelity": {"score": score, "top1_agreement": agreement,
-                     "max_abs_error": max(float(np.max(np.abs(a - b))) for a, b in zip(reference, final_outputs)),
-                     "mean_abs_error": float(np.mean([np.mean(np.abs(a - b)) for a, b in zip(reference, final_outputs)]))},
+        "measured_ms": final["latency_b"]["median_ms"],
+        "fidelity": fidelity_report,
         "recovery": None if trained is None else trained.summary(),
-        "wall_s": timings,
+        "wall_s": clock.seconds,
     }
-    if calib.labels is not None and reference[0].ndim == 2:
-        report["fidelity"]["accuracy_original"] = float(np.mean(reference[0].argmax(1) == calib.labels))
-        report["fidelity"]["accuracy"] = float(np.mean(final_outputs[0].argmax(1) == calib.labels))
-    written = save_model(student, output, input_path=loaded.path, force=force) if output is not None else None
-    return CompressResult(model=written or student, proto=student, plan=chosen, report=report)
 
 
 def _static_shapes(model: onnx.ModelProto, input_shapes: list[str] | dict | None) -> dict[str, tuple[int, ...]]:
