@@ -4,7 +4,8 @@ from onnxmerge.ort import ort as _ort  # noqa: F401  (fails early, with a clear 
 from onnxmerge.api import FoldResult, InferenceSession, fold
 from onnxmerge.errors import BadInputError, OnnxMergeError, VerificationError
 from onnxmerge.profiler import compare, profile
+from onnxmerge.layermerge.api import compress
 from onnxmerge.version import __version__
 
-__all__ = ["fold", "FoldResult", "InferenceSession", "profile", "compare", "OnnxMergeError", "BadInputError", "VerificationError",
-           "__version__"]
+__all__ = ["fold", "FoldResult", "InferenceSession", "profile", "compare", "compress", "OnnxMergeError",
+           "BadInputError", "VerificationError", "__version__"]

@@ -4,8 +4,8 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from onnxmerge.compress.build import SegmentChoice, apply_segments
-from onnxmerge.compress.segments import analyse_chain
+from onnxmerge.layermerge.build import SegmentChoice, apply_segments
+from onnxmerge.layermerge.segments import analyse_chain
 
 from conftest import GraphBuilder, op_types, run_model
 

@@ -9,7 +9,7 @@ import numpy as np
 import onnx
 import pytest
 
-from onnxmerge.compress.api import compress
+from onnxmerge.layermerge.api import compress
 from onnxmerge.errors import BadInputError
 from onnxmerge.io import save_model
 from onnxmerge.runner import make_session

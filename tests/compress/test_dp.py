@@ -12,8 +12,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from onnxmerge.compress import dp
-from onnxmerge.compress.dp import Choice, Plan, join_tables, minimum_latency, solve
+from onnxmerge.layermerge import dp
+from onnxmerge.layermerge.dp import Choice, Plan, join_tables, minimum_latency, solve
 from onnxmerge.errors import BadInputError
 
 

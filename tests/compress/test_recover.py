@@ -14,8 +14,8 @@ from onnx import numpy_helper
 
 from conftest import GraphBuilder, run_model
 from models.digits import load_digits_split, ort_accuracy
-from onnxmerge.compress.recover import distill
-from onnxmerge.compress.torch_bridge import OnnxModule
+from onnxmerge.layermerge.recover import distill
+from onnxmerge.layermerge.torch_bridge import OnnxModule
 from onnxmerge.errors import BadInputError
 
 torch.set_num_threads(1)  # tiny nets: a second thread only adds sync cost on a shared machine

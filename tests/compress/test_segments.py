@@ -11,7 +11,7 @@ from onnx import numpy_helper
 from rich.console import Console
 
 from models.export import export
-from onnxmerge.compress.segments import ACTIVATION_KINDS, analyse_chain, inspect_tables
+from onnxmerge.layermerge.segments import ACTIVATION_KINDS, analyse_chain, inspect_tables
 from onnxmerge.errors import BadInputError
 from onnxmerge.pipeline import run_pipeline, select_passes
 

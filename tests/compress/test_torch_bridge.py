@@ -11,7 +11,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from conftest import GraphBuilder, run_model
 from models.export import export
-from onnxmerge.compress.torch_bridge import OnnxModule, write_back
+from onnxmerge.layermerge.torch_bridge import OnnxModule, write_back
 from onnxmerge.errors import BadInputError
 
 torch.set_num_threads(1)  # tiny nets: a second thread only adds sync cost on a shared machine

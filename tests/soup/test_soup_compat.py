@@ -157,3 +157,32 @@ def test_constant_node_weights_are_paired_and_merged():
     merged = soup([a, b]).model
     value = lambda m: numpy_helper.to_array(m.graph.node[0].attribute[0].t)  # noqa: E731
     np.testing.assert_allclose(value(merged), (value(a) + value(b)) / 2, rtol=1e-6)
+
+
+def _with_if(seed: int, else_op: str = "Sub") -> onnx.ModelProto:
+    """An If whose branches read a subgraph initializer and an outer one (a 0-d threshold, a vector)."""
+    rng = np.random.default_rng(seed)
+    then_weight = numpy_helper.from_array(rng.standard_normal(4).astype(np.float32), "then_w")
+    output = lambda name: helper.make_tensor_value_info(name, TensorProto.FLOAT, [1, 4])  # noqa: E731
+    then_branch = helper.make_graph([helper.make_node("Add", ["x", "then_w"], ["then_y"])], "then", [],
+                                    [output("then_y")], initializer=[then_weight])
+    else_branch = helper.make_graph([helper.make_node(else_op, ["x", "outer_w"], ["else_y"])], "else", [],
+                                    [output("else_y")])
+    nodes = [helper.make_node("ReduceSum", ["x"], ["total"], keepdims=0),
+             helper.make_node("Greater", ["total", "threshold"], ["positive"]),
+             helper.make_node("If", ["positive"], ["y"], then_branch=then_branch, else_branch=else_branch)]
+    initializers = [numpy_helper.from_array(np.array(rng.standard_normal(), np.float32), "threshold"),
+                    numpy_helper.from_array(rng.standard_normal(4).astype(np.float32), "outer_w")]
+    graph = helper.make_graph(nodes, "if", [output("x")], [output("y")], initializer=initializers)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def test_tensors_inside_subgraphs_are_paired_and_merged():
+    a, b = _with_if(0), _with_if(1)
+    merged = soup([a, b]).model
+    then_weight = lambda m: numpy_helper.to_array(m.graph.node[2].attribute[1].g.initializer[0])  # noqa: E731
+    np.testing.assert_allclose(then_weight(merged), (then_weight(a) + then_weight(b)) / 2, rtol=1e-6)
+    threshold = lambda m: numpy_helper.to_array(m.graph.initializer[0])  # noqa: E731
+    assert threshold(merged).shape == () and np.isclose(threshold(merged), (threshold(a) + threshold(b)) / 2)
+    error = _refused(a, _with_if(1, else_op="Mul"))
+    assert error.level == "topology" and "subgraph else_branch[0] of node 2 (If)" in str(error)

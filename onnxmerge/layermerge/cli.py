@@ -1,4 +1,4 @@
-"""`onnxmerge compress`: argument parsing and rendering only; the work is onnxmerge.compress.api."""
+"""`onnxmerge compress`: argument parsing and rendering only; the work is onnxmerge.layermerge.api."""
 
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ def run(args: argparse.Namespace, console: Console) -> int:
     from onnxmerge.report import write_json
 
     if args.inspect:
-        from onnxmerge.compress.api import inspect
+        from onnxmerge.layermerge.api import inspect
 
         for table in inspect(args.input, input_shapes=args.input_shape or None):
             console.print(table)
@@ -48,8 +48,8 @@ def run(args: argparse.Namespace, console: Console) -> int:
         raise BadInputError("compress needs INPUT, OUTPUT and --calib (or --inspect)")
     if args.speedup is None and args.latency_budget is None and not args.plan:
         raise BadInputError("give --speedup X or --latency-budget MS (or an existing --plan)")
-    from onnxmerge.compress.api import compress
-    from onnxmerge.compress.report import compress_tables
+    from onnxmerge.layermerge.api import compress
+    from onnxmerge.layermerge.report import compress_tables
 
     result = compress(args.input, args.output, calibration=args.calib, speedup=args.speedup,
                       latency_budget_ms=args.latency_budget, provider=args.provider, threads=args.threads,

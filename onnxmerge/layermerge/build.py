@@ -17,7 +17,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from onnxmerge.compress.segments import ChainAnalysis, KernelOption, Skip
+from onnxmerge.layermerge.segments import ChainAnalysis, KernelOption, Skip
 from onnxmerge.conv_algebra import ConvParams, add_parallel, compose, identity_conv
 from onnxmerge.errors import BadInputError
 from onnxmerge.graph import conv_params, export_graph, import_graph, producer, set_conv_params, unique_name, weight_dtype

@@ -20,8 +20,8 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
-from onnxmerge.compress.build import SegmentChoice, apply_segments, merged_conv
-from onnxmerge.compress.segments import ChainAnalysis, KernelOption
+from onnxmerge.layermerge.build import SegmentChoice, apply_segments, merged_conv
+from onnxmerge.layermerge.segments import ChainAnalysis, KernelOption
 from onnxmerge.conv_algebra import ConvParams
 from onnxmerge.graph import export_graph, import_graph
 from onnxmerge.io import clamp_ir_version

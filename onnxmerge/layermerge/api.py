@@ -15,10 +15,10 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from onnxmerge.compress.build import SegmentChoice, apply_segments, dominant_activation
-from onnxmerge.compress.dp import Plan, join_tables, minimum_latency, solve
-from onnxmerge.compress.importance import ImportanceScorer, fidelity, option_key
-from onnxmerge.compress.segments import ChainAnalysis, KernelOption, analyse_chain
+from onnxmerge.layermerge.build import SegmentChoice, apply_segments, dominant_activation
+from onnxmerge.layermerge.dp import Plan, join_tables, minimum_latency, solve
+from onnxmerge.layermerge.importance import ImportanceScorer, fidelity, option_key
+from onnxmerge.layermerge.segments import ChainAnalysis, KernelOption, analyse_chain
 from onnxmerge.errors import BadInputError, first_line
 from onnxmerge.io import ModelLike, load_model, save_model
 from onnxmerge.latency_table import ConvSignature, measure
@@ -240,7 +240,7 @@ def compress(model: ModelLike, output: str | Path | None = None, *, calibration:
 
     trained = None
     if recover:
-        from onnxmerge.compress.recover import distill
+        from onnxmerge.layermerge.recover import distill
 
         trained = distill(student, problem.canonical, problem.calibration.fit, steps=recover_steps, lr=lr,
                           seed=seed, progress=progress, threads=threads)
@@ -308,7 +308,7 @@ def _static_shapes(model: onnx.ModelProto, input_shapes: list[str] | dict | None
 def inspect(model: ModelLike, input_shapes: list[str] | dict | None = None):
     """The chain, its segments and kernel options, as tables (``compress --inspect``)."""
     from onnxmerge.api import fold
-    from onnxmerge.compress.segments import inspect_tables
+    from onnxmerge.layermerge.segments import inspect_tables
 
     proto = load_model(model).proto
     shapes = _static_shapes(proto, input_shapes)

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from onnxmerge.compress.torch_bridge import OnnxModule, write_back
+from onnxmerge.layermerge.torch_bridge import OnnxModule, write_back
 from onnxmerge.errors import BadInputError, VerificationError, first_line
 from onnxmerge.io import ModelLike, io_signature, load_model
 from onnxmerge.runner import make_session
