@@ -105,7 +105,7 @@ def _checked_table(table: dict, where: str, pipeline: Pipeline, path: Path) -> d
         raise BadInputError(f"config {path}: {where} must be a table")
     try:
         checked = {key: _checked_value(key, value, pipeline) for key, value in table.items()}
-        pipeline.check({key: value for key, value in checked.items() if key not in LIMIT_KEYS})
+        pipeline.check_table({key: value for key, value in checked.items() if key not in LIMIT_KEYS})
     except BadInputError as error:
         raise BadInputError(f"config {path}, {where}: {error}") from None
     return checked

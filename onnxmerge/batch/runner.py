@@ -87,6 +87,11 @@ def run_batch(in_dir: str | os.PathLike, out_dir: str | os.PathLike, *, pipeline
     models = discover(in_dir, out_dir)
     if not models:
         raise BadInputError(f"no .onnx models under {in_dir}")
+    for relative in models:  # whole-model settings are checked before any worker starts
+        try:
+            chosen.check(batch_config.settings_for(relative, base).options)
+        except BadInputError as error:
+            raise BadInputError(f"{relative}: {error}") from None
     listener = listener or BatchListener()
     report = BatchReport(in_dir=str(in_dir), out_dir=str(out_dir), pipeline=pipeline, executor=executor, jobs=jobs,
                          bench=bench, environment=describe("cpu"))

@@ -1,5 +1,6 @@
 """The batch config: sizes, glob matching, precedence, and one-line errors for every kind of mistake."""
 
+import numpy as np
 import pytest
 
 from onnxmerge.batch.config import BatchConfig, ModelSettings, load_config, matches, parse_size
@@ -71,8 +72,36 @@ def test_config_mistakes_are_one_line_errors(tmp_path, text, needle):
     assert "\n" not in str(error.value)
 
 
-def test_compress_is_named_but_refused_until_it_exists():
-    with pytest.raises(BadInputError, match="not available yet"):
-        get_pipeline("compress")
-    with pytest.raises(BadInputError, match="unknown pipeline"):
-        get_pipeline("shrink")
+@pytest.mark.parametrize("options,match", [
+    ({}, "needs a 'calibration'"),
+    ({"calibration": "c.npz"}, "exactly one of 'speedup' and 'latency_budget_ms'"),
+    ({"calibration": "c.npz", "speedup": 1.5, "latency_budget_ms": 3.0}, "exactly one"),
+])
+def test_compress_pipeline_needs_calibration_and_one_target(options, match):
+    with pytest.raises(BadInputError, match=match):
+        get_pipeline("compress").check(options)
+    get_pipeline("compress").check({"calibration": "c.npz", "speedup": 1.5})
+
+
+
+
+def test_compress_pipeline_end_to_end(tmp_path, trained_digits):
+    """A batch of one digits net under the compress pipeline: per-model calibration and target from the config."""
+    from onnxmerge.batch import run_batch
+    from onnxmerge.io import save_model
+
+    digits = trained_digits("resnet")
+    zoo = tmp_path / "zoo"
+    zoo.mkdir()
+    save_model(digits.model, zoo / "digits.onnx")
+    calibration = tmp_path / "calib.npz"
+    np.savez(calibration, input=digits.x_calib)
+    config = tmp_path / "batch.toml"
+    config.write_text(f'[defaults]\ncalibration = "{calibration}"\nspeedup = 1.1\nrecover_steps = 40\nruns = 5\n')
+    report = run_batch(zoo, tmp_path / "out", pipeline="compress", config=config, jobs=1)
+    (result,) = report.models
+    assert result.status == "ok", result.reason
+    row = result.row()
+    assert row["speedup"] is not None and row["verified"] is True
+    assert row["nodes_after"] < row["nodes_before"]
+    assert (tmp_path / "out" / "digits.onnx").is_file()

@@ -285,7 +285,7 @@ def test_cli_exit_codes_and_one_line_errors(zoo, tmp_path, monkeypatch, capsys):
     assert run(good, "-o", out, "--jobs", "1") == (0, "")
     assert (out / "m.onnx").is_file()
     for args, needle in [((tmp_path / "missing", "-o", out), "input folder not found"),
-                         ((good, "-o", out, "--pipeline", "compress"), "not available yet"),
+                         ((good, "-o", out, "--pipeline", "compress"), "needs a 'calibration'"),
                          ((good, "-o", good), "must differ"),
                          ((good, "-o", out, "--config", tmp_path / "none.toml"), "cannot read config"),
                          ((empty, "-o", out), "no .onnx models")]:
