@@ -5,7 +5,8 @@ from onnxmerge.api import FoldResult, InferenceSession, fold
 from onnxmerge.errors import BadInputError, OnnxMergeError, VerificationError
 from onnxmerge.profiler import compare, profile
 from onnxmerge.layermerge.api import compress
+from onnxmerge.merging import align, soup
 from onnxmerge.version import __version__
 
-__all__ = ["fold", "FoldResult", "InferenceSession", "profile", "compare", "compress", "OnnxMergeError",
+__all__ = ["fold", "FoldResult", "InferenceSession", "profile", "compare", "compress", "soup", "align", "OnnxMergeError",
            "BadInputError", "VerificationError", "__version__"]

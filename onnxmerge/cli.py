@@ -13,7 +13,7 @@ from rich.console import Console
 EXIT_OK, EXIT_VERIFICATION_FAILED, EXIT_BAD_INPUT, EXIT_INTERNAL = 0, 1, 2, 3
 # Feature packages that add subcommands: each module has register(commands), which adds its subparsers with
 # set_defaults(handler=fn), fn(args, console) -> exit code. Handlers import their API lazily.
-_FEATURE_COMMANDS: list[str] = ["onnxmerge.layermerge.cli", "onnxmerge.batch.cli"]
+_FEATURE_COMMANDS: list[str] = ["onnxmerge.layermerge.cli", "onnxmerge.merging.cli", "onnxmerge.batch.cli"]
 
 
 class _Parser(argparse.ArgumentParser):

@@ -17,7 +17,7 @@ from typing import Iterator, Union
 
 import onnx
 from google.protobuf.message import DecodeError
-from onnx import TensorProto, helper
+from onnx import TensorProto, external_data_helper, helper
 
 from onnxmerge.errors import BadInputError, first_line
 
@@ -184,10 +184,14 @@ def save_model(
     try:
         staged_model = staging / out.name
         if external_data:
+            # Marked here rather than by save_model(save_as_external_data=True), which refuses when a file
+            # named like the data file exists in the *current* directory (it checks the location there).
             copy = onnx.ModelProto()
             copy.CopyFrom(proto)
-            onnx.save_model(copy, str(staged_model), save_as_external_data=True,
-                            all_tensors_to_one_file=True, location=data_name, size_threshold=1024)
+            for tensor in iter_tensors(copy.graph):
+                if tensor.HasField("raw_data") and len(tensor.raw_data) >= 1024:
+                    external_data_helper.set_external_data(tensor, data_name)
+            onnx.save_model(copy, str(staged_model))
             staged_data = staging / data_name
             if staged_data.exists():
                 os.replace(staged_data, out.parent / data_name)

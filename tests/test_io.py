@@ -50,6 +50,15 @@ def test_external_data_is_chosen_automatically_above_the_threshold(tmp_path):
     np.testing.assert_array_equal(make_session(path).run(None, feeds)[0], make_session(model).run(None, feeds)[0])
 
 
+def test_external_data_save_ignores_a_same_named_file_in_the_working_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "out.onnx.data").write_bytes(b"unrelated")
+    (tmp_path / "o").mkdir()
+    path = save_model(_small_model(), tmp_path / "o" / "out.onnx", external_data=True)
+    assert load_model(path).had_external_data
+    assert (tmp_path / "out.onnx.data").read_bytes() == b"unrelated"
+
+
 def test_refuses_to_overwrite_input_without_force(tmp_path):
     path = save_model(_small_model(), tmp_path / "m.onnx")
     before = path.read_bytes()

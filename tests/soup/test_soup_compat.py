@@ -5,7 +5,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from onnxmerge.soup import IncompatibleModelsError, check_compatible, soup
+from onnxmerge.merging import IncompatibleModelsError, check_compatible, soup
 
 from conftest import GraphBuilder
 from soup_helpers import initializer_arrays, small_cnn

@@ -6,8 +6,8 @@ import pytest
 from onnx import helper, numpy_helper
 
 from onnxmerge.runner import make_session
-from onnxmerge.soup import soup
-from onnxmerge.soup.data import accuracy, cross_entropy
+from onnxmerge.merging import soup
+from onnxmerge.merging.data import accuracy, cross_entropy
 
 from soup_helpers import digits_family  # noqa: F401  (session fixture)
 

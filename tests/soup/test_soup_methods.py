@@ -12,8 +12,8 @@ from onnx import numpy_helper
 
 from onnxmerge.errors import BadInputError, VerificationError
 from onnxmerge.io import save_model
-from onnxmerge.soup import soup
-from onnxmerge.soup.source import open_source
+from onnxmerge.merging import soup
+from onnxmerge.merging.source import open_source
 
 from conftest import GraphBuilder, relocate_external_data, run_model
 from soup_helpers import initializer_arrays, small_cnn

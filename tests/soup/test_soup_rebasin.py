@@ -5,9 +5,9 @@ import onnx
 import pytest
 
 from onnxmerge.io import save_model
-from onnxmerge.soup import align
-from onnxmerge.soup.compat import model_structure
-from onnxmerge.soup.rebasin import permutation_groups
+from onnxmerge.merging import align
+from onnxmerge.merging.compat import model_structure
+from onnxmerge.merging.rebasin import permutation_groups
 
 from conftest import GraphBuilder, run_model
 from models.export import export

@@ -21,7 +21,7 @@ from onnx import numpy_helper
 
 from onnxmerge.errors import BadInputError, VerificationError
 from onnxmerge.graph import constant_value, import_graph, infer_shapes, producer
-from onnxmerge.soup.compat import ModelStructure, model_structure
+from onnxmerge.merging.compat import ModelStructure, model_structure
 from onnxmerge.verify import EquivalenceChecker
 
 FIXED = 0

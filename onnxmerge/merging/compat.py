@@ -23,7 +23,7 @@ from onnx import AttributeProto, TensorProto
 
 from onnxmerge.errors import BadInputError
 from onnxmerge.io import io_signature, is_quantized
-from onnxmerge.soup.source import ModelSource
+from onnxmerge.merging.source import ModelSource
 
 LEVELS = ("quantization", "container", "signature", "topology", "initializers", "values")
 # Float inputs that describe shapes, not learned values: merging them would change the graph's geometry.

@@ -22,12 +22,12 @@ from onnx import numpy_helper
 from onnxmerge.errors import BadInputError, VerificationError, first_line
 from onnxmerge.io import ModelLike, save_model
 from onnxmerge.runner import parse_input_shapes
-from onnxmerge.soup.bn_reset import reset_batchnorm
-from onnxmerge.soup.compat import ModelStructure, TensorSlot, check_sources, model_structure
-from onnxmerge.soup.data import DataLike, ModelScore, Scorer, load_dataset, make_scorer
-from onnxmerge.soup.methods import LINEAR_METHODS, MergeSpec, compute_dtype, merge_tensors
-from onnxmerge.soup.rebasin import DEFAULT_MAX_SWEEPS, align_model
-from onnxmerge.soup.source import ModelSource, open_source, spill
+from onnxmerge.merging.bn_reset import reset_batchnorm
+from onnxmerge.merging.compat import ModelStructure, TensorSlot, check_sources, model_structure
+from onnxmerge.merging.data import DataLike, ModelScore, Scorer, load_dataset, make_scorer
+from onnxmerge.merging.methods import LINEAR_METHODS, MergeSpec, compute_dtype, merge_tensors
+from onnxmerge.merging.rebasin import DEFAULT_MAX_SWEEPS, align_model
+from onnxmerge.merging.source import ModelSource, open_source, spill
 from onnxmerge.version import __version__
 
 PROVENANCE_PREFIX = "onnxmerge.soup."

@@ -17,7 +17,7 @@ from onnx import helper, numpy_helper
 
 from onnxmerge.errors import BadInputError
 from onnxmerge.runner import make_session
-from onnxmerge.soup.data import Dataset
+from onnxmerge.merging.data import Dataset
 
 FOLDED_BN_WARNING = (
     "the model has no BatchNormalization nodes (BN was folded into the convolutions at export), so its "

@@ -67,7 +67,7 @@ def register(commands) -> None:
 def run_soup(args: argparse.Namespace, console: Console) -> int:
     from onnxmerge.errors import BadInputError
     from onnxmerge.report import write_json
-    from onnxmerge.soup import check_compatible, soup
+    from onnxmerge.merging import check_compatible, soup
 
     if args.check:
         report = check_compatible(args.models, base=args.base)
@@ -96,7 +96,7 @@ def run_soup(args: argparse.Namespace, console: Console) -> int:
 def run_align(args: argparse.Namespace, console: Console) -> int:
     from onnxmerge.errors import VerificationError
     from onnxmerge.report import write_json
-    from onnxmerge.soup import align
+    from onnxmerge.merging import align
 
     try:
         result = align(args.reference, args.model, args.output, seed=args.seed, max_sweeps=args.max_sweeps,

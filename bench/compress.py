@@ -1,0 +1,171 @@
+"""LayerMerge compression in ORT: speed-up vs fidelity at several targets, and wall time per phase.
+
+    python -m bench.compress [--speedups 1.3 1.6 2.0] [--digits-speedups 1.2 1.4] [--runs 30]
+
+(a) MobileNetV2-1.0 and ResNet-34 at 1x3x224x224 with random weights: calibration is 64 standard-normal
+    images (48 to fit, 16 held out); fidelity is top-1 agreement with the original; no recovery (there is
+    nothing meaningful to distil towards on random weights).
+(b) the digits-trained ResNet-style and MobileNetV2-style nets: calibration is 256 training images
+    (unlabelled); accuracy on the 360 held-out test images, after recovery by distillation.
+Tables (latency in ORT, importance) are built once per model; each target is a DP solve with the
+closed loop on measured latency. ORT CPU, 1 thread, batch 1. Results: bench/results/compress.{md,json,png}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from bench.results_io import write_results
+from models.digits import train_digits
+from models.export import export
+from onnxmerge.environment import describe
+from onnxmerge.errors import BadInputError
+from onnxmerge.layermerge.api import evaluate, prepare
+from onnxmerge.layermerge.dp import join_tables, solve
+from onnxmerge.runner import make_session
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def _phase_times(clock_seconds: dict) -> dict:
+    return {k: round(v, 1) for k, v in clock_seconds.items()}
+
+
+def bench_model(label: str, model: Path, calibration: Path, speedups: list[float], *, runs: int,
+                recover_steps: int = 0, test_set: tuple | None = None) -> dict:
+    from onnxmerge.layermerge.api import _PhaseClock
+
+    clock = _PhaseClock()
+    started = time.perf_counter()
+    problem, _ = prepare(model, calibration, runs=runs, clock=clock)
+    problem.measure_tables(clock=clock)
+    choices = join_tables(problem.latency, {k: e.score for k, e in problem.importance.items()})
+    dp_started = time.perf_counter()
+    solve(choices, problem.length, problem.table_original_ms)
+    dp_seconds = time.perf_counter() - dp_started
+    rows = []
+    for target in speedups:
+        row = {"target": target}
+        target_started = time.perf_counter()
+        try:
+            plan, _, student, rounds = problem.solve_for(problem.original_ms / target)
+        except BadInputError as refused:
+            rows.append(row | {"status": str(refused)})
+            continue
+        if recover_steps:
+            from onnxmerge.layermerge.recover import distill
+
+            student = distill(student, problem.canonical, problem.calibration.fit, steps=recover_steps,
+                              progress=False, threads=1).model
+        measured = problem.compare(student)
+        fidelity = evaluate(problem, student)
+        row |= {"status": "ok", "speedup": measured["speedup"], "rounds": len(rounds),
+                "merged_segments": sum(1 for c in plan.choices if c.end - c.start > 1),
+                "predicted_table_ms": plan.latency_ms, "measured_ms": measured["latency_b"]["median_ms"],
+                "top1_agreement": fidelity["top1_agreement"], "seconds": round(time.perf_counter() - target_started, 1)}
+        if test_set is not None:
+            x, y = test_set
+            row["accuracy"] = float(np.mean(make_session(student).run(None, {"input": x})[0].argmax(1) == y))
+        rows.append(row)
+    entry = {"model": label, "segments": len(problem.analysis.segments), "entries": problem.analysis.entries,
+             "original_ms": problem.original_ms, "table_original_ms": problem.table_original_ms,
+             "dp_seconds": dp_seconds, "phases_s": _phase_times(clock.seconds),
+             "total_s": round(time.perf_counter() - started, 1), "rows": rows}
+    if test_set is not None:
+        x, y = test_set
+        entry["accuracy_original"] = float(np.mean(
+            make_session(problem.canonical).run(None, {"input": x})[0].argmax(1) == y))
+    print(f"{label}: done in {entry['total_s']} s", file=sys.stderr, flush=True)
+    return entry
+
+
+def markdown(results: dict) -> str:
+    env = results["environment"]
+    lines = [f"ORT {env['onnxruntime']}, CPU {env['cpu']}, 1 thread, batch 1, ENABLE_ALL; {env['date']}.", "",
+             "| model | target | measured speed-up (p10–p90) | merged segments | top-1 agreement | accuracy | "
+             "closed-loop rounds |", "|---|---:|---:|---:|---:|---:|---:|"]
+    for entry in results["models"]:
+        for row in entry["rows"]:
+            if row["status"] != "ok":
+                lines.append(f"| {entry['model']} | {row['target']:.2f}× | {row['status']} | | | | |")
+                continue
+            s = row["speedup"]
+            accuracy = (f"{row['accuracy']:.2%} (orig {entry['accuracy_original']:.2%})"
+                        if "accuracy" in row else "–")
+            lines.append(f"| {entry['model']} | {row['target']:.2f}× | {s['median']:.2f}× ({s['p10']:.2f}–{s['p90']:.2f}) "
+                         f"| {row['merged_segments']} | {row['top1_agreement']:.1%} | {accuracy} | {row['rounds']} |")
+    lines += ["", "| model | segments / entries | original ms | canonicalize | analyse | latency table | importance "
+                  "table | DP solve | total s |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for entry in results["models"]:
+        p = entry["phases_s"]
+        lines.append(f"| {entry['model']} | {entry['segments']} / {entry['entries']} | {entry['original_ms']:.2f} | "
+                     f"{p.get('canonicalize', 0)} | {p.get('analyse', 0)} | {p.get('latency_table', 0)} | "
+                     f"{p.get('importance_table', 0)} | {entry['dp_seconds'] * 1e3:.1f} ms | {entry['total_s']} |")
+    return "\n".join(lines) + "\n"
+
+
+def pareto_plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(6.5, 4.5))
+    for entry in results["models"]:
+        rows = [r for r in entry["rows"] if r["status"] == "ok"]
+        if not rows:
+            continue
+        values = [r.get("accuracy", r["top1_agreement"]) for r in rows]
+        axis.plot([1.0] + [r["speedup"]["median"] for r in rows],
+                  [entry.get("accuracy_original", 1.0)] + values, marker="o", label=entry["model"])
+    axis.set_xlabel("measured speed-up in ORT (median of interleaved ratios)")
+    axis.set_ylabel("accuracy (digits) / top-1 agreement (random weights)")
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.compress", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--speedups", type=float, nargs="+", default=[1.3, 1.6, 2.0])
+    parser.add_argument("--digits-speedups", type=float, nargs="+", default=[1.2, 1.3])
+    parser.add_argument("--runs", type=int, default=30)
+    parser.add_argument("--recover-steps", type=int, default=300)
+    parser.add_argument("--models", nargs="+", default=["mobilenet_v2", "resnet34", "digits_resnet",
+                                                          "digits_mobilenet"])
+    args = parser.parse_args(argv)
+    results = {"environment": describe("cpu") | {"date": datetime.datetime.now().astimezone().isoformat(
+        timespec="seconds")}, "models": []}
+    with tempfile.TemporaryDirectory(prefix="onnxmerge-bench-") as folder:
+        folder = Path(folder)
+        for name in args.models:
+            if name.startswith("digits_"):
+                trained = train_digits(name, seed=0, out_path=folder / f"{name}.onnx")
+                np.savez(folder / f"{name}.npz", input=trained.x_calib)
+                results["models"].append(bench_model(name, folder / f"{name}.onnx", folder / f"{name}.npz",
+                                                     args.digits_speedups, runs=args.runs,
+                                                     recover_steps=args.recover_steps,
+                                                     test_set=(trained.x_test, trained.y_test)))
+            else:
+                export(name, folder / f"{name}.onnx", input_shape=(1, 3, 224, 224))
+                calibration = np.random.default_rng(0).standard_normal((64, 3, 224, 224)).astype(np.float32)
+                np.savez(folder / f"{name}.npz", input=calibration)
+                results["models"].append(bench_model(f"{name} 224", folder / f"{name}.onnx",
+                                                     folder / f"{name}.npz", args.speedups, runs=args.runs))
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    pareto_plot(results, RESULTS / "compress.png")
+    write_results(RESULTS / "compress.md", RESULTS / "compress.json", markdown(results), results)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
