@@ -118,6 +118,30 @@ _ORT_TYPE_TO_NUMPY = {"tensor(float)": np.float32, "tensor(float16)": np.float16
                       "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(bool)": np.bool_}
 
 
+DEFAULT_CHUNK = 256
+
+
+def batch_chunk(model: onnx.ModelProto) -> int:
+    """Rows per ORT call: a model exported with a fixed batch (often 1) only accepts that many at once."""
+    initializer_names = {t.name for t in model.graph.initializer}
+    for value in model.graph.input:
+        if value.name in initializer_names:
+            continue
+        dims = value.type.tensor_type.shape.dim
+        if dims and dims[0].HasField("dim_value") and dims[0].dim_value > 0:
+            return dims[0].dim_value
+    return DEFAULT_CHUNK
+
+
+def run_batched(session: "ort.InferenceSession", feeds: dict[str, np.ndarray], chunk: int,
+                outputs: list[str] | None = None) -> list[np.ndarray]:
+    """``session.run`` over many rows, ``chunk`` rows per call, outputs concatenated along axis 0."""
+    count = len(next(iter(feeds.values())))
+    parts = [session.run(outputs, {name: array[i:i + chunk] for name, array in feeds.items()})
+             for i in range(0, count, chunk)]
+    return [np.concatenate([part[k] for part in parts]) for k in range(len(parts[0]))]
+
+
 def parse_input_shapes(specs: list[str] | None) -> dict[str | None, tuple[int, ...]]:
     """Parse ``name:1,3,224,224`` (or bare dims for a single-input model); split on the last colon."""
     shapes: dict[str | None, tuple[int, ...]] = {}

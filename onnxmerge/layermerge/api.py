@@ -24,7 +24,7 @@ from onnxmerge.io import ModelLike, load_model, save_model
 from onnxmerge.latency_table import ConvSignature, measure
 from onnxmerge.profiler import compare, profile
 from onnxmerge.report import write_json
-from onnxmerge.runner import input_specs, make_session, parse_input_shapes
+from onnxmerge.runner import batch_chunk, input_specs, make_session, parse_input_shapes, run_batched
 
 MAX_ROUNDS = 3
 SPEEDUP_TOLERANCE = 0.98  # a measured speed-up within 2% of the target counts as reached
@@ -255,8 +255,9 @@ def compress(model: ModelLike, output: str | Path | None = None, *, calibration:
 def evaluate(problem: CompressionProblem, student: onnx.ModelProto) -> dict:
     """Fidelity of a compressed model to the original on the held-out calibration inputs."""
     calib = problem.calibration
-    reference = make_session(problem.canonical, threads=problem.threads).run(None, calib.held_out)
-    outputs = make_session(student, threads=problem.threads).run(None, calib.held_out)
+    chunk = batch_chunk(problem.canonical)
+    reference = run_batched(make_session(problem.canonical, threads=problem.threads), calib.held_out, chunk)
+    outputs = run_batched(make_session(student, threads=problem.threads), calib.held_out, chunk)
     score, agreement = fidelity(reference, outputs)
     result = {"score": score, "top1_agreement": agreement,
               "max_abs_error": max(float(np.max(np.abs(a - b))) for a, b in zip(reference, outputs)),

@@ -25,7 +25,7 @@ from onnxmerge.layermerge.segments import ChainAnalysis, KernelOption
 from onnxmerge.conv_algebra import ConvParams
 from onnxmerge.graph import export_graph, import_graph
 from onnxmerge.io import clamp_ir_version
-from onnxmerge.runner import make_session
+from onnxmerge.runner import batch_chunk, make_session, run_batched
 
 # Ridge refits are solved only when a group's unknowns stay small enough for a dense normal-equation solve.
 MAX_REFIT_UNKNOWNS = 2304
@@ -175,9 +175,10 @@ class ImportanceScorer:
     def __init__(self, model: onnx.ModelProto, analysis: ChainAnalysis, calibration: dict[str, np.ndarray], *,
                  holdout: dict[str, np.ndarray] | None = None, threads: int = 1):
         self.model, self.analysis, self.threads = model, analysis, threads
+        self.chunk = batch_chunk(model)
         self.fit_inputs = calibration
         self.eval_inputs = holdout if holdout is not None else calibration
-        self.reference = make_session(model, threads=threads).run(None, self.eval_inputs)
+        self.reference = self._run(model, self.eval_inputs)
         self._graph = import_graph(model)
 
     def _target_tensor(self, start: int, end: int) -> str:
@@ -191,13 +192,11 @@ class ImportanceScorer:
         """(frontier values on held-out inputs, segment input on fit inputs, segment targets on fit inputs)."""
         position = self.analysis.positions[start].tensor
         needed = frontier(self.model, position)
-        session = make_session(with_outputs(self.model, needed), threads=self.threads)
-        names = [o.name for o in session.get_outputs()]
-        held_out = dict(zip(names, session.run(None, self.eval_inputs)))
+        with_needed = with_outputs(self.model, needed)
+        held_out = dict(zip([o.name for o in with_needed.graph.output], self._run(with_needed, self.eval_inputs)))
         targets = [self._target_tensor(start, end) for end in ends]
-        fit_session = make_session(with_outputs(self.model, [position, *targets]), threads=self.threads)
-        fit_names = [o.name for o in fit_session.get_outputs()]
-        fit_values = dict(zip(fit_names, fit_session.run(None, self.fit_inputs)))
+        with_targets = with_outputs(self.model, [position, *targets])
+        fit_values = dict(zip([o.name for o in with_targets.graph.output], self._run(with_targets, self.fit_inputs)))
         return ({name: held_out[name] for name in needed}, {position: fit_values[position]},
                 {end: fit_values[target] for end, target in zip(ends, targets)})
 
@@ -205,8 +204,10 @@ class ImportanceScorer:
               ) -> tuple[float, float | None]:
         candidate = apply_segments(self.model, self.analysis, [choice], overrides={(choice.start, choice.end): params}
                                    if params is not None else None)
-        session = make_session(suffix_model(candidate, frontier_values), threads=self.threads)
-        return fidelity(self.reference, session.run(None, frontier_values))
+        return fidelity(self.reference, self._run(suffix_model(candidate, frontier_values), frontier_values))
+
+    def _run(self, model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        return run_batched(make_session(model, threads=self.threads), feeds, self.chunk)
 
     def table(self, entries: list[tuple[int, int, KernelOption]], jobs: int = 1, use_refit: bool = True,
               progress=None) -> dict[tuple[int, int, str], ImportanceEntry]:

@@ -32,14 +32,13 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from onnxmerge.layermerge.torch_bridge import OnnxModule, write_back
 from onnxmerge.errors import BadInputError, VerificationError, first_line
 from onnxmerge.io import ModelLike, io_signature, load_model
-from onnxmerge.runner import make_session
+from onnxmerge.runner import DEFAULT_CHUNK, make_session, run_batched
 
 TEMPERATURE = 2.0
 # The written ONNX must reproduce the trained module up to float32 reordering noise (~1e-6 of the output
 # range for the zoo); a weight stored in the wrong place or dtype is off by orders of magnitude more.
 CHECK_RTOL = 1e-4
 MAX_HELDOUT = 256
-ORT_CHUNK = 256
 
 
 @dataclass
@@ -147,7 +146,7 @@ def _check_calibration(student: onnx.ModelProto, teacher: onnx.ModelProto,
     if fixed_batch and counts.pop() % fixed_batch:
         raise BadInputError(f"the model fixes the batch dimension to {fixed_batch}; calibration N must be a "
                             "multiple of it")
-    return arrays, fixed_batch or ORT_CHUNK
+    return arrays, fixed_batch or DEFAULT_CHUNK
 
 
 def _float_outputs(student: onnx.ModelProto, teacher: onnx.ModelProto) -> list[str]:
@@ -165,14 +164,11 @@ def _float_outputs(student: onnx.ModelProto, teacher: onnx.ModelProto) -> list[s
 
 
 def _run_ort(session, inputs: dict[str, np.ndarray], outputs: list[str], chunk: int) -> dict[str, np.ndarray]:
-    count = len(next(iter(inputs.values())))
     try:
-        parts = [session.run(outputs, {name: array[i:i + chunk] for name, array in inputs.items()})
-                 for i in range(0, count, chunk)]
+        return dict(zip(outputs, run_batched(session, inputs, chunk, outputs)))
     except Exception as exc:  # ORT's error types are not part of its public API
         raise BadInputError(f"the model does not run in ONNX Runtime on the calibration inputs: "
                             f"{first_line(exc)}") from None
-    return {name: np.concatenate([part[k] for part in parts]) for k, name in enumerate(outputs)}
 
 
 def _split(count: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
