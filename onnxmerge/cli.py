@@ -98,24 +98,20 @@ def _list_passes(console: Console) -> None:
 
 def _run_fold(args: argparse.Namespace, console: Console) -> int:
     from onnxmerge.api import fold
-    from onnxmerge.errors import BadInputError, VerificationError
-    from onnxmerge.report import fold_table, print_explain, speedup_line, write_json
+    from onnxmerge.errors import BadInputError
+    from onnxmerge.report import fold_table, json_report_on_failure, print_explain, speedup_line, write_json
 
     if args.list_passes:
         _list_passes(console)
         return EXIT_OK
     if not args.input or not args.output:
         raise BadInputError("fold needs INPUT and OUTPUT paths (or --list-passes)")
-    try:
+    with json_report_on_failure(args.json):
         result = fold(args.input, args.output, only=args.only or None, skip=args.skip, check_n=args.check_n,
                       rtol=args.rtol, atol=args.atol, input_shapes=args.input_shape, seed=args.seed,
                       noise_floor=args.noise_floor,
                       allow_costlier_merges=args.allow_costlier_merges, force=args.force,
                       external_data=True if args.external_data else None)
-    except VerificationError as failure:
-        if args.json and failure.report:
-            write_json(failure.report, args.json)
-        raise
     report = result.report
     console.print(fold_table(report))
     for note in report["verification"].get("assumptions", []):

@@ -83,8 +83,12 @@ def _check_external_locations(proto: onnx.ModelProto, model_dir: Path) -> None:
             raise BadInputError(f"external data file '{location}' of tensor '{tensor.name}' is missing")
 
 
-def load_model(model: ModelLike) -> LoadedModel:
-    """Load a path or take a ModelProto, with external data, and refuse anything unusable with one line."""
+def load_model(model: ModelLike, *, load_external_data: bool = True) -> LoadedModel:
+    """Load a path or take a ModelProto, with external data, and refuse anything unusable with one line.
+
+    ``load_external_data=False`` checks the external data (location, presence, the model's validity) but
+    leaves the weights on disk, for callers that stream tensors one at a time.
+    """
     if isinstance(model, onnx.ModelProto):
         if any(_uses_external_data(t) for t in iter_tensors(model.graph)):
             raise BadInputError("the ModelProto references external data that is not loaded; pass its path instead")
@@ -102,6 +106,7 @@ def load_model(model: ModelLike) -> LoadedModel:
     had_external = any(_uses_external_data(t) for t in iter_tensors(proto.graph))
     if had_external:
         _check_external_locations(proto, path.parent)
+    if had_external and load_external_data:
         try:
             onnx.load_external_data_for_model(proto, str(path.parent))
         except (OSError, ValueError, RuntimeError) as exc:

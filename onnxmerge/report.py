@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+from contextlib import contextmanager
 
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from onnxmerge.errors import VerificationError
 from onnxmerge.io import atomic_write_bytes
 
 
@@ -63,6 +65,17 @@ def print_explain(console: Console, refusals: dict[str, dict[str, str]]) -> None
         console.print(f"[bold]{pass_name}[/]")
         for node, reason in reasons.items():
             console.print(f"  {node}: {reason}", highlight=False, markup=False, soft_wrap=True)
+
+
+@contextmanager
+def json_report_on_failure(path: str | os.PathLike | None):
+    """A failed verification still leaves its report (with the first failing pass) where --json asked."""
+    try:
+        yield
+    except VerificationError as failure:
+        if path and failure.report:
+            write_json(failure.report, path)
+        raise
 
 
 def write_json(report: dict, path: str | os.PathLike) -> None:

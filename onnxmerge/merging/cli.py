@@ -94,18 +94,13 @@ def run_soup(args: argparse.Namespace, console: Console) -> int:
 
 
 def run_align(args: argparse.Namespace, console: Console) -> int:
-    from onnxmerge.errors import VerificationError
-    from onnxmerge.report import write_json
     from onnxmerge.merging import align
+    from onnxmerge.report import json_report_on_failure, write_json
 
-    try:
+    with json_report_on_failure(args.json):
         result = align(args.reference, args.model, args.output, seed=args.seed, max_sweeps=args.max_sweeps,
                        check_n=args.check_n, input_shapes=args.input_shape or None, force=args.force,
                        external_data=True if args.external_data else None)
-    except VerificationError as failure:
-        if args.json and failure.report:
-            write_json(failure.report, args.json)
-        raise
     report = result.report
     console.print(f"{report['groups']} permutation group(s), {report['moved_channels']} of {report['channels']} "
                   f"channels moved in {report['sweeps']} sweep(s); weight cosine similarity to A "

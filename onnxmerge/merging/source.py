@@ -15,12 +15,10 @@ from tempfile import TemporaryDirectory
 
 import numpy as np
 import onnx
-from google.protobuf.message import DecodeError
 from onnx import TensorProto, numpy_helper
 from onnx.external_data_helper import load_external_data_for_tensor
 
-from onnxmerge.errors import BadInputError, first_line
-from onnxmerge.io import ModelLike, _check_external_locations, _check_not_empty, iter_tensors, load_model
+from onnxmerge.io import ModelLike, iter_tensors, load_model
 
 _SPILL_NAME = "model.onnx"
 _HASH_CHUNK = 1 << 20
@@ -65,24 +63,12 @@ def open_source(model: ModelLike, stack: ExitStack, index: int) -> ModelSource:
         digest = hashlib.sha256(proto.SerializeToString(deterministic=True)).hexdigest()
         return ModelSource(proto=proto, label=f"<ModelProto #{index + 1}>", hashes={"sha256": digest})
     path = Path(model)
-    if not path.is_file():
-        raise BadInputError(f"model file not found: {path}")
-    try:
-        proto = onnx.load(str(path), load_external_data=False)
-    except (DecodeError, ValueError, RuntimeError, OSError) as exc:
-        raise BadInputError(f"cannot parse {path} as an ONNX model ({first_line(exc)})") from None
-    _check_not_empty(proto, str(path))
-    external = any(t.data_location == TensorProto.EXTERNAL for t in iter_tensors(proto.graph))
+    loaded = load_model(path, load_external_data=False)  # checked, weights left on disk
+    proto, external = loaded.proto, loaded.had_external_data
     if external:
-        _check_external_locations(proto, path.parent)
-        checked_path, data_dir = path, path.parent
+        data_dir = path.parent
     else:
         data_dir, proto = spill(proto, stack)
-        checked_path = data_dir / _SPILL_NAME
-    try:
-        onnx.checker.check_model(str(checked_path))
-    except (onnx.checker.ValidationError, ValueError) as exc:
-        raise BadInputError(f"{path} is not a valid ONNX model ({first_line(exc)})") from None
     return ModelSource(proto=proto, label=str(path), path=path, data_dir=data_dir, had_external_data=external,
                        hashes=_file_hashes(path, proto if external else None))
 
