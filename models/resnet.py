@@ -14,6 +14,11 @@ def _conv_bn(cin: int, cout: int, k: int, stride: int = 1) -> list[nn.Module]:
     return [nn.Conv2d(cin, cout, k, stride, k // 2, bias=False), nn.BatchNorm2d(cout)]
 
 
+def _projection(cin: int, cout: int, stride: int) -> nn.Module | None:
+    """torchvision's shortcut: a strided 1x1 conv + BN where the block changes shape, else identity."""
+    return nn.Sequential(*_conv_bn(cin, cout, 1, stride)) if stride != 1 or cin != cout else None
+
+
 class BasicBlock(nn.Module):
     expansion = 1
 
@@ -23,14 +28,11 @@ class BasicBlock(nn.Module):
         self.conv1, self.bn1 = _conv_bn(cin, width, 3, stride)
         self.conv2, self.bn2 = _conv_bn(width, cout, 3)
         self.relu = nn.ReLU(inplace=True)
-        self.downsample = (
-            nn.Sequential(*_conv_bn(cin, cout, 1, stride)) if stride != 1 or cin != cout else None
-        )
+        self.downsample = _projection(cin, cout, stride)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         identity = x if self.downsample is None else self.downsample(x)
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
+        out = self.bn2(self.conv2(self.relu(self.bn1(self.conv1(x)))))
         return self.relu(out + identity)
 
 
@@ -44,9 +46,7 @@ class Bottleneck(nn.Module):
         self.conv2, self.bn2 = _conv_bn(width, width, 3, stride)
         self.conv3, self.bn3 = _conv_bn(width, cout, 1)
         self.relu = nn.ReLU(inplace=True)
-        self.downsample = (
-            nn.Sequential(*_conv_bn(cin, cout, 1, stride)) if stride != 1 or cin != cout else None
-        )
+        self.downsample = _projection(cin, cout, stride)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         identity = x if self.downsample is None else self.downsample(x)

@@ -147,11 +147,16 @@ def soup(
             report["scores"]["soup"] = _score(scorer, merged)
         if output is None:
             return SoupResult(merged, report)
-        if external_data is None and any(s.had_external_data for s in everything):
-            external_data = True
-        written = save_model(merged, output, external_data=external_data)
+        written = _save(merged, output, everything, external_data)
     report["output"] = str(written)
     return SoupResult(written, report)
+
+
+def _save(model: onnx.ModelProto, output, sources: list, external_data: bool | None):
+    """Save like the inputs were stored: external data when any input used it (or when asked)."""
+    if external_data is None:
+        external_data = True if any(source.had_external_data for source in sources) else None
+    return save_model(model, output, external_data=external_data)
 
 
 def _score(scorer: Scorer, model: onnx.ModelProto) -> float:
@@ -338,8 +343,6 @@ def align(
                                                                "model": sources[1].provenance(), "seed": seed})})
         if output is None:
             return AlignResult(aligned, report)
-        if external_data is None and any(s.had_external_data for s in sources):
-            external_data = True
-        written = save_model(aligned, output, external_data=external_data)
+        written = _save(aligned, output, sources, external_data)
     report["output"] = str(written)
     return AlignResult(written, report)
