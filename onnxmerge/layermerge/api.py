@@ -204,7 +204,8 @@ def prepare(model: ModelLike, calibration: str | Path, *, provider: str = "cpu",
     problem = CompressionProblem(
         canonical=canonical, analysis=analysis, shapes=shapes, calibration=calib,
         options={(s.start, s.end, option_key(o)): o for s in analysis.segments for o in s.options},
-        scorer=ImportanceScorer(canonical, analysis, calib.fit, holdout=calib.held_out, threads=threads),
+        scorer=ImportanceScorer(canonical, analysis, calib.fit, holdout=calib.held_out, labels=calib.labels,
+                                threads=threads),
         original_ms=original_ms, provider=provider, threads=threads, runs=runs)
     return problem, loaded.path
 

@@ -8,8 +8,9 @@ is re-run: the original's activations up to there (every tensor the rest of the 
 once per start position and reused by every entry starting there.
 
 Normalisation (the additive surrogate the DP sums): for a classifier (an output of shape [N, classes]) an
-entry's score is -mean KL(p_original || p_entry) in nats over the held-out calibration inputs; otherwise it
-is -||y_entry - y||^2 / ||y||^2 summed over outputs. An unchanged (trivial) segment scores exactly 0.
+entry's score is -mean KL(p_original || p_entry) in nats over the held-out calibration inputs, or, when the
+calibration file has ``labels``, the change in held-out accuracy; otherwise it is -||y_entry - y||^2 / ||y||^2
+summed over outputs. An unchanged (trivial) segment scores exactly 0.
 """
 
 from __future__ import annotations
@@ -50,14 +51,17 @@ class ImportanceEntry:
     method: str  # "composed" or "refit"
 
 
-def fidelity(reference: list[np.ndarray], candidate: list[np.ndarray]) -> tuple[float, float | None]:
+def fidelity(reference: list[np.ndarray], candidate: list[np.ndarray],
+             labels: np.ndarray | None = None) -> tuple[float, float | None]:
     """(score, top-1 agreement) of candidate outputs against the original's, as described above."""
     first = reference[0]
     if first.ndim == 2 and first.shape[1] > 1:
+        agreement = float(np.mean(first.argmax(1) == candidate[0].argmax(1)))
+        if labels is not None:
+            return float(np.mean(candidate[0].argmax(1) == labels) - np.mean(first.argmax(1) == labels)), agreement
         p = _softmax(first.astype(np.float64))
         q = _softmax(candidate[0].astype(np.float64))
         kl = float(np.mean(np.sum(p * (np.log(p + 1e-12) - np.log(q + 1e-12)), axis=1)))
-        agreement = float(np.mean(first.argmax(1) == candidate[0].argmax(1)))
         return -kl, agreement
     error = sum(float(np.sum((c.astype(np.float64) - r) ** 2) / max(np.sum(r.astype(np.float64) ** 2), 1e-12))
                 for r, c in zip(reference, candidate))
@@ -173,9 +177,11 @@ class ImportanceScorer:
     """Scores entries against the original, reusing per-start activations (computed once per start)."""
 
     def __init__(self, model: onnx.ModelProto, analysis: ChainAnalysis, calibration: dict[str, np.ndarray], *,
-                 holdout: dict[str, np.ndarray] | None = None, threads: int = 1):
+                 holdout: dict[str, np.ndarray] | None = None, labels: np.ndarray | None = None,
+                 threads: int = 1):
         self.model, self.analysis, self.threads = model, analysis, threads
         self.chunk = batch_chunk(model)
+        self.labels = labels  # of the held-out inputs: score accuracy instead of KL
         self.fit_inputs = calibration
         self.eval_inputs = holdout if holdout is not None else calibration
         self.reference = self._run(model, self.eval_inputs)
@@ -204,7 +210,8 @@ class ImportanceScorer:
               ) -> tuple[float, float | None]:
         candidate = apply_segments(self.model, self.analysis, [choice], overrides={(choice.start, choice.end): params}
                                    if params is not None else None)
-        return fidelity(self.reference, self._run(suffix_model(candidate, frontier_values), frontier_values))
+        return fidelity(self.reference, self._run(suffix_model(candidate, frontier_values), frontier_values),
+                        self.labels)
 
     def _run(self, model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         return run_batched(make_session(model, threads=self.threads), feeds, self.chunk)

@@ -112,3 +112,20 @@ def test_cli_inspect_and_bad_inputs(tmp_path):
         result = _cli(*args)
         assert result.returncode == 2, (args, result.stdout, result.stderr)
         assert needle in result.stderr and "Traceback" not in result.stderr
+
+
+def test_labelled_calibration_scores_accuracy(tmp_path, trained_digits):
+    from models.digits import load_digits_split
+
+    digits = trained_digits("resnet")
+    _, y_train, _, _ = load_digits_split(0)
+    save_model(digits.model, tmp_path / "model.onnx")
+    np.savez(tmp_path / "calib.npz", input=digits.x_calib, labels=y_train[:len(digits.x_calib)])
+    result = compress(tmp_path / "model.onnx", None, calibration=tmp_path / "calib.npz", speedup=1.1,
+                      recover=False, runs=5)
+    fidelity = result.report["fidelity"]
+    assert 0.9 <= fidelity["accuracy_original"] <= 1.0 and 0.0 <= fidelity["accuracy"] <= 1.0
+    # With labels every importance entry is a change in held-out accuracy: a multiple of 1/held-out size.
+    held_out = len(digits.x_calib) - round(len(digits.x_calib) * 0.75)
+    scores = [choice["importance"] for choice in result.plan.to_dict()["choices"]]
+    assert all(np.isclose(score * held_out, round(score * held_out)) for score in scores)
