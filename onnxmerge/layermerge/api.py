@@ -236,7 +236,7 @@ def compress(model: ModelLike, output: str | Path | None = None, *, calibration:
         problem.measure_tables(jobs=jobs, clock=clock)
         chosen, refit, student, rounds = problem.solve_for(target_ms)
         if plan_path is not None:
-            write_plan(plan_path, chosen, refit)
+            write_plan(plan_path, chosen, refit, problem.options)
     clock("plan_and_build")
 
     trained = None
@@ -276,6 +276,7 @@ def _report(problem: CompressionProblem, chosen: Plan, student: onnx.ModelProto,
     clock("verify")
     return {
         "plan": chosen.to_dict(),
+        "plan_segments": plan_details(chosen, problem.options),
         "segments": len(problem.analysis.segments), "entries": problem.analysis.entries,
         "original_ms": problem.original_ms,
         "table_original_ms": problem.table_original_ms if problem.latency else None,
@@ -343,8 +344,16 @@ def _build(model: onnx.ModelProto, analysis: ChainAnalysis, plan: Plan, options:
     return apply_segments(model, analysis, choices, overrides=overrides)
 
 
-def write_plan(path: Path, plan: Plan, refit: set[tuple[int, int]]) -> None:
-    write_json({"plan": plan.to_dict(), "refit": sorted(map(list, refit))}, path)
+def plan_details(plan: Plan, options: dict) -> list[dict]:
+    """The plan in LayerMerge's terms: kept activations (segment ends) and the convs each segment keeps."""
+    return [{"segment": [c.start, c.end], "option": c.option, "activation_kept_at": c.end,
+             "kept_convs": list(options[(c.start, c.end, c.option)].kept),
+             "kernel": list(options[(c.start, c.end, c.option)].kernel)} for c in plan.choices]
+
+
+def write_plan(path: Path, plan: Plan, refit: set[tuple[int, int]], options: dict) -> None:
+    write_json({"plan": plan.to_dict(), "refit": sorted(map(list, refit)), "segments": plan_details(plan, options)},
+               path)
 
 
 def read_plan(path: Path, options: dict) -> tuple[Plan, set[tuple[int, int]]]:

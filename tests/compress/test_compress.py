@@ -50,6 +50,10 @@ def test_compress_end_to_end_keeps_accuracy_and_reuses_its_plan(trained):
     assert set(report["wall_s"]) >= {"canonicalize", "analyse", "latency_table", "importance_table", "recover"}
     saved = json.loads(plan.read_text())
     assert saved["plan"]["choices"]
+    segments = saved["segments"]
+    assert [s["segment"][0] for s in segments][0] == 0 and all(
+        a["segment"][1] == b["segment"][0] for a, b in zip(segments, segments[1:]))  # the plan covers the chain
+    assert all(s["segment"][0] < k <= s["segment"][1] for s in segments for k in s["kept_convs"])
     again = compress(folder / "model.onnx", None, calibration=folder / "calib.npz", plan=plan, recover=False,
                      runs=3)
     assert again.plan.to_dict() == result.plan.to_dict()
