@@ -97,6 +97,17 @@ def _constant_node_value(node: gs.Node) -> np.ndarray | None:
     return None
 
 
+def clip_bounds(node: gs.Node) -> tuple[float, float] | None:
+    """(min, max) of a Clip, from its inputs (opset >= 11) or attributes (older opsets)."""
+    if len(node.inputs) > 1:
+        bounds = [constant_value(t) if t.name else None for t in node.inputs[1:3]]
+    else:
+        bounds = [node.attrs.get("min"), node.attrs.get("max")]
+    if len(bounds) != 2 or any(b is None or np.size(b) != 1 for b in bounds):
+        return None
+    return float(np.asarray(bounds[0]).reshape(())), float(np.asarray(bounds[1]).reshape(()))
+
+
 def static_shape(tensor: gs.Tensor) -> tuple[int, ...] | None:
     """The tensor's shape if every dimension is a known integer."""
     if isinstance(tensor, gs.Constant):

@@ -25,7 +25,7 @@ from onnx import helper, numpy_helper
 
 from onnxmerge.environment import default_cache_dir, hardware_fingerprint
 from onnxmerge.errors import BadInputError
-from onnxmerge.graph import (conv_params, constant_value, import_graph, is_graph_output, sole_consumer,
+from onnxmerge.graph import (clip_bounds, conv_params, import_graph, is_graph_output, sole_consumer,
                              weight_dtype)
 from onnxmerge.io import ModelLike, clamp_ir_version, load_model
 from onnxmerge.profiler import profile
@@ -291,7 +291,7 @@ def _activation_after(graph, node) -> str | None:
     consumer = sole_consumer(graph, output)
     if consumer is not None:
         if consumer.op == "Clip":
-            return "relu6" if _clip_bounds(consumer) == (0.0, 6.0) else None
+            return "relu6" if clip_bounds(consumer) == (0.0, 6.0) else None
         if consumer.op == "Gelu" and consumer.domain in ("", "com.microsoft"):
             return "gelu"
         return next((name for name, op in _SINGLE_OP_ACTIVATIONS.items() if op == consumer.op), None)
@@ -301,17 +301,6 @@ def _activation_after(graph, node) -> str | None:
         if sole_consumer(graph, sigmoid.outputs[0]) is mul:
             return "silu"
     return None
-
-
-def _clip_bounds(node) -> tuple[float, float] | None:
-    """Clip's (min, max) from its inputs (opset >= 11) or attributes (older), if both are known scalars."""
-    if len(node.inputs) > 1:
-        bounds = [constant_value(tensor) for tensor in node.inputs[1:3]]
-    else:
-        bounds = [node.attrs.get("min"), node.attrs.get("max")]
-    if len(bounds) != 2 or any(bound is None or np.size(bound) != 1 for bound in bounds):
-        return None
-    return float(np.ravel(bounds[0])[0]), float(np.ravel(bounds[1])[0])
 
 
 def additivity(model: ModelLike, input_shapes: dict | list[str] | None = None, *, provider: str = "cpu",

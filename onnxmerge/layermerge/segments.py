@@ -29,7 +29,8 @@ from rich.table import Table
 
 from onnxmerge.conv_algebra import ConvParams
 from onnxmerge.errors import BadInputError
-from onnxmerge.graph import conv_params, constant_value, import_graph, is_graph_output, producer, sole_consumer
+from onnxmerge.graph import (clip_bounds, conv_params, constant_value, import_graph, is_graph_output, producer,
+                             sole_consumer)
 from onnxmerge.runner import input_specs, parse_input_shapes
 from onnxmerge.stats import static_shapes
 
@@ -361,22 +362,11 @@ def _activation(graph: gs.Graph, value: gs.Tensor) -> tuple[str | None, list[gs.
     if len(readers) == 1:
         node = readers[0]
         if node.op == "Clip":
-            kind = "relu6" if _clip_bounds(node) == (0.0, 6.0) else None
+            kind = "relu6" if clip_bounds(node) == (0.0, 6.0) else None
         else:
             kind = _ONE_NODE_ACTIVATIONS.get(node.op)
         return (kind, [node], node.outputs[0]) if kind else (None, [], value)
     return _gated_activation(graph, value, readers) or (None, [], value)
-
-
-def _clip_bounds(node: gs.Node) -> tuple[float, float] | None:
-    """(min, max) of a Clip, from its inputs (opset >= 11) or attributes (older opsets)."""
-    if len(node.inputs) > 1:
-        bounds = [constant_value(t) if t.name else None for t in node.inputs[1:3]]
-    else:
-        bounds = [node.attrs.get("min"), node.attrs.get("max")]
-    if len(bounds) != 2 or any(b is None or np.size(b) != 1 for b in bounds):
-        return None
-    return float(np.asarray(bounds[0]).reshape(())), float(np.asarray(bounds[1]).reshape(()))
 
 
 def _gated_activation(graph: gs.Graph, x: gs.Tensor, readers: list[gs.Node]):
