@@ -11,6 +11,7 @@ from pathlib import Path
 
 import onnx
 
+from onnxmerge.canonical import canonicalize
 from onnxmerge.environment import default_cache_dir
 from onnxmerge.errors import BadInputError, VerificationError
 from onnxmerge.io import ModelLike, io_signature, is_quantized, iter_tensors, load_model, save_model
@@ -50,18 +51,27 @@ def fold(
     allow_costlier_merges: bool = False,
     force: bool = False,
     external_data: bool | None = None,
+    overwrite_input_shapes: dict[str, tuple[int, ...]] | list[str] | None = None,
+    fold_size_limit_bytes: int = PassOptions.fold_size_limit_bytes,
 ) -> FoldResult:
     """Apply the exact passes to a fixed point, verify the result in ORT, and only then return/write it.
 
     A path in gives a Path out (written to ``output``, default ``<stem>.folded.onnx`` beside the input);
     a ModelProto in gives a ModelProto out (also written if ``output`` is given). On a verification
     failure nothing is written and :class:`VerificationError` names the first pass that broke the model.
+
+    ``input_shapes`` picks the sizes verification and statistics use; dynamic dims stay dynamic.
+    ``overwrite_input_shapes`` fixes dims in the written model (onnxsim's ``--overwrite-input-shape``), so
+    shape arithmetic that reads them folds too. ``fold_size_limit_bytes`` caps a folded tensor's size.
     """
     pass_names = select_passes(only, skip)
     if isinstance(input_shapes, list):
         input_shapes = parse_input_shapes(input_shapes)
+    if isinstance(overwrite_input_shapes, list):
+        overwrite_input_shapes = parse_input_shapes(overwrite_input_shapes)
     loaded = load_model(model)
-    original = loaded.proto
+    canonical = canonicalize(loaded.proto, overwrite_input_shapes)
+    original = canonical.model
     if loaded.path is not None and output is None:
         output = loaded.path.with_name(loaded.path.stem + ".folded.onnx")
     if output is not None and loaded.path is not None and Path(output).resolve() == loaded.path.resolve() and not force:
@@ -73,17 +83,20 @@ def fold(
         "input": str(loaded.path) if loaded.path else None,
         "passes": pass_names,
         "warnings": [],
-        "before": model_stats(original, shapes),
+        "canonicalization": canonical.notes,
+        "before": model_stats(loaded.proto, shapes),
     }
 
     if is_quantized(original):
         message = "quantized model (QLinear*/QuantizeLinear ops): passed through unchanged"
         warnings.warn(message, stacklevel=2)
         report["warnings"].append(message)
-        result_proto, run = original, None
+        result_proto, run = loaded.proto, None
         report["verification"] = {"passed": True, "skipped": "model unchanged"}
     else:
-        options = PassOptions(allow_costlier_merges=allow_costlier_merges)
+        if fold_size_limit_bytes < 0:
+            raise BadInputError(f"fold_size_limit_bytes must be >= 0, got {fold_size_limit_bytes}")
+        options = PassOptions(allow_costlier_merges=allow_costlier_merges, fold_size_limit_bytes=fold_size_limit_bytes)
         run = run_pipeline(original, pass_names, options)
         result_proto = run.model
         report["rewrites"] = run.rewrites_per_pass()

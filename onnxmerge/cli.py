@@ -40,6 +40,10 @@ def _build_parser() -> argparse.ArgumentParser:
     fold.add_argument("--seed", type=int, default=0, help="seed of the random verification inputs")
     fold.add_argument("--input-shape", action="extend", nargs="+", default=[], metavar="NAME:DIMS",
                       help="shape for verification, e.g. input:1,3,224,224 (unknown dims default to 1)")
+    fold.add_argument("--overwrite-input-shape", action="extend", nargs="+", default=[], metavar="NAME:DIMS",
+                      help="fix input dims in the written model, so shape arithmetic that reads them folds too")
+    fold.add_argument("--fold-size-limit", type=_byte_size, default=1 << 20, metavar="BYTES",
+                      help="largest tensor constant folding may store, e.g. 512K, 1M, 64M (default 1M)")
     fold.add_argument("--skip", action="extend", nargs="+", default=[], metavar="PASS", help="passes to skip")
     fold.add_argument("--only", action="extend", nargs="+", default=[], metavar="PASS", help="run only these passes")
     fold.add_argument("--list-passes", action="store_true", help="list the passes and exit")
@@ -96,6 +100,20 @@ def _list_passes(console: Console) -> None:
         console.print(f"{name:26s} {PASSES[name].description}", highlight=False)
 
 
+def _byte_size(text: str) -> int:
+    """``1048576``, ``512K``, ``1M``, ``2G`` (binary multiples) -> bytes."""
+    units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    cleaned = text.strip().upper().removesuffix("IB").removesuffix("B")
+    number, unit = (cleaned[:-1], cleaned[-1]) if cleaned[-1:] in "KMG" and cleaned[-1:] else (cleaned, "")
+    try:
+        value = int(float(number) * units[unit])
+    except (ValueError, KeyError):
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (examples: 1048576, 512K, 1M)") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"a size cannot be negative: {text!r}")
+    return value
+
+
 def _run_fold(args: argparse.Namespace, console: Console) -> int:
     from onnxmerge.api import fold
     from onnxmerge.errors import BadInputError
@@ -111,7 +129,9 @@ def _run_fold(args: argparse.Namespace, console: Console) -> int:
                       rtol=args.rtol, atol=args.atol, input_shapes=args.input_shape, seed=args.seed,
                       noise_floor=args.noise_floor,
                       allow_costlier_merges=args.allow_costlier_merges, force=args.force,
-                      external_data=True if args.external_data else None)
+                      external_data=True if args.external_data else None,
+                      overwrite_input_shapes=args.overwrite_input_shape or None,
+                      fold_size_limit_bytes=args.fold_size_limit)
     report = result.report
     console.print(fold_table(report))
     for note in report["verification"].get("assumptions", []):

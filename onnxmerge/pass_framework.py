@@ -26,6 +26,8 @@ class PassOptions:
     """Knobs that change what passes may do (not how they are scheduled)."""
 
     allow_costlier_merges: bool = False
+    # fold_constants stores no folded tensor larger than this unless storing it frees at least as much.
+    fold_size_limit_bytes: int = 1 << 20
 
 
 @dataclass
@@ -74,10 +76,15 @@ class NodeRewritePass(GraphPass):
     def rewrite(self, graph: gs.Graph, node: gs.Node, ctx: PassContext) -> str | None:
         """Rewrite around ``node`` or return why it cannot."""
 
+    def matches(self, node: gs.Node) -> bool:
+        """Whether ``node`` (already of one of ``op_types``) is a candidate at all; non-candidates are
+        skipped without a refusal, so ``--explain`` lists only nodes the pass could have rewritten."""
+        return True
+
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         result = PassResult(modified=False)
         for node in list(graph.nodes):
-            if node.op not in self.op_types or not node.outputs:
+            if node.op not in self.op_types or not node.outputs or not self.matches(node):
                 continue
             reason = self.rewrite(graph, node, ctx)
             if reason is None:

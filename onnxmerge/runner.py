@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from onnxmerge.canonical import is_dynamic_dim
 from onnxmerge.errors import BadInputError
 from onnxmerge.io import EXTERNAL_DATA_THRESHOLD_BYTES, tensor_bytes
 from onnxmerge.ort import ort
@@ -191,7 +192,7 @@ def input_specs(model: onnx.ModelProto, overrides: dict[str | None, tuple[int, .
                     f"--input-shape for '{value.name}' has rank {len(shape)}, the model declares rank {len(declared)}"
                 )
             for axis, (dim, want) in enumerate(zip(declared, shape)):
-                if dim.HasField("dim_value") and dim.dim_value != want:
+                if not is_dynamic_dim(dim) and dim.dim_value != want:
                     raise BadInputError(
                         f"--input-shape for '{value.name}' sets dim {axis} to {want}, the model fixes it to {dim.dim_value}"
                     )
@@ -199,11 +200,12 @@ def input_specs(model: onnx.ModelProto, overrides: dict[str | None, tuple[int, .
             continue
         shape, assumed = [], []
         for axis, dim in enumerate(declared):
-            if dim.HasField("dim_value") and dim.dim_value > 0:
+            if not is_dynamic_dim(dim):
                 shape.append(dim.dim_value)
             else:
                 shape.append(1)
-                assumed.append(f"{value.name}[{axis}] ({dim.dim_param or 'unnamed'}) set to 1")
+                written = dim.dim_param or (f"written as {dim.dim_value}" if dim.HasField("dim_value") else "unnamed")
+                assumed.append(f"{value.name}[{axis}] ({written}) set to 1")
         specs.append(InputSpec(value.name, dtype, tuple(shape), assumed))
     return specs
 
