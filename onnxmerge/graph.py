@@ -211,10 +211,7 @@ def infer_shapes(graph: gs.Graph, template: onnx.ModelProto) -> int:
     model = export_graph(graph, template)
     del model.graph.value_info[:]
     try:
-        if tensor_bytes(model) < EXTERNAL_DATA_THRESHOLD_BYTES:
-            inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
-        else:
-            inferred = _infer_shapes_via_file(model)
+        inferred = run_shape_inference(model)
     except (onnx.shape_inference.InferenceError, onnx.checker.ValidationError):
         return 0
     tensors = graph.tensors()
@@ -236,6 +233,17 @@ def infer_shapes(graph: gs.Graph, template: onnx.ModelProto) -> int:
     return newly_typed
 
 
+def run_shape_inference(model: onnx.ModelProto) -> onnx.ModelProto:
+    """ONNX shape inference of a proto; through a temporary file when it is too large to serialise (>2 GB).
+
+    The one place that decides how inference runs (shared with :mod:`onnxmerge.stats`); it raises whatever
+    ONNX raises, callers decide what a failure means.
+    """
+    if tensor_bytes(model) < EXTERNAL_DATA_THRESHOLD_BYTES:
+        return onnx.shape_inference.infer_shapes(model, data_prop=True)
+    return _infer_shapes_via_file(model)
+
+
 def _infer_shapes_via_file(model: onnx.ModelProto) -> onnx.ModelProto:
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "model.onnx"
@@ -244,3 +252,72 @@ def _infer_shapes_via_file(model: onnx.ModelProto) -> onnx.ModelProto:
         onnx.save_model(copy, str(path), save_as_external_data=True, location="model.onnx.data")
         onnx.shape_inference.infer_shapes_path(str(path), str(path))
         return onnx.load(str(path), load_external_data=False)
+
+
+def known_dims(tensor: gs.Tensor) -> list[int | None] | None:
+    """The tensor's dimensions, None for each one not known as an integer; None when even the rank is unknown."""
+    shape = tuple(tensor.shape) if isinstance(tensor, gs.Constant) else tensor.shape
+    if shape is None:
+        return None
+    return [int(d) if isinstance(d, (int, np.integer)) and d >= 0 else None for d in shape]
+
+
+def ints_param(node: gs.Node, attr: str, index: int) -> list[int] | None | str:
+    """An int-list parameter that moved from an attribute (older opsets) to input ``index`` (newer ones).
+
+    Returns the values, None when the node omits the parameter, or the reason it cannot be read (an input
+    that is not a constant) -- e.g. Squeeze/Unsqueeze ``axes`` (input from opset 13), Slice ``starts`` (10).
+    """
+    if attr in node.attrs:
+        return [int(v) for v in np.asarray(node.attrs[attr]).ravel()]
+    if len(node.inputs) <= index or _is_omitted(node.inputs[index]):
+        return None
+    value = constant_value(node.inputs[index])
+    if value is None:
+        return f"its {attr} input is not a constant"
+    return [int(v) for v in np.asarray(value).ravel()]
+
+
+def bypass_refusal(graph: gs.Graph, source: gs.Tensor, target: gs.Tensor) -> str | None:
+    """Why a node whose output ``target`` always equals ``source`` cannot be removed, or None if it can.
+
+    Removing such a node is a rename of ``target`` to ``source``, except when ``target`` is a graph output:
+    its name is part of the model's contract, so the producer of ``source`` must write ``target`` instead,
+    which needs a producing node that is not a Constant and a ``source`` that is not a graph output itself.
+    """
+    if not is_graph_output(graph, target):
+        return None
+    source_producer = producer(source)
+    if source_producer is None or source_producer.op == "Constant":
+        return "it links a graph input or constant to a graph output; kept to preserve the output name"
+    if is_graph_output(graph, source):
+        return "both its input and output are graph outputs"
+    return None
+
+
+def bypass(graph: gs.Graph, node: gs.Node, source: gs.Tensor, target: gs.Tensor) -> str | None:
+    """Remove ``node``, whose output ``target`` always equals ``source`` (same values, dtype and shape).
+
+    ``source`` need not be an input of ``node`` (e.g. the input of an inverse pair's first node). Readers of
+    ``target`` read ``source``; when ``target`` is a graph output, the producer of ``source`` writes
+    ``target`` instead, so the output keeps its name. Returns :func:`bypass_refusal`'s reason, changing
+    nothing, when neither is possible.
+    """
+    reason = bypass_refusal(graph, source, target)
+    if reason is not None:
+        return reason
+    if not is_graph_output(graph, target):
+        replace_uses(target, source)
+        detach(node)
+        return None
+    source_producer = producer(source)
+    detach(node)
+    replace_uses(source, target)
+    index = next(i for i, t in enumerate(source_producer.outputs) if t is source)
+    source_producer.outputs[index] = target
+    return None
+
+
+def is_omitted(tensor: gs.Tensor) -> bool:
+    """Whether ``tensor`` stands for an omitted optional input (ONNX writes an empty name)."""
+    return _is_omitted(tensor)
