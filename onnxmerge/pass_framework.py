@@ -57,6 +57,9 @@ class GraphPass(ABC):
     name: ClassVar[str]
     description: ClassVar[str]
     requires: ClassVar[frozenset[str]] = frozenset()
+    # True when the pass only removes nodes or rewires readers to tensors of the same shape and dtype, so the
+    # shape annotations of the tensors left stay true and the pipeline need not infer them again.
+    preserves_shapes: ClassVar[bool] = False
 
     @abstractmethod
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:

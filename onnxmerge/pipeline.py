@@ -76,7 +76,7 @@ def run_pipeline(
             refusals[graph_pass.name] = result.refusals
             if result.modified:
                 changed = True
-                ctx.shapes_current = False
+                ctx.shapes_current = ctx.shapes_current and graph_pass.preserves_shapes
                 steps.append(Step(rounds, graph_pass.name, result.rewrites))
                 if _reached(steps, stop_after_steps):
                     break

@@ -14,6 +14,7 @@ from onnxmerge.pass_framework import GraphPass, PassContext, PassResult, registe
 class Cleanup(GraphPass):
     name = "cleanup"
     description = "Remove dead nodes and unused initializers; merge initializers with identical contents."
+    preserves_shapes = True
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         nodes_before = len(graph.nodes)

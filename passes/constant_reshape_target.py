@@ -26,6 +26,7 @@ class ConstantReshapeTarget(NodeRewritePass):
     name = "constant_reshape_target"
     description = ("Replace a Reshape's run-time target shape by a constant (0 copies an input dim, one -1 "
                    "takes the rest) when shape inference proves the output shape.")
+    preserves_shapes = True
     op_types = ("Reshape",)
     requires = frozenset({SHAPES})
 

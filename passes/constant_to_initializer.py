@@ -12,6 +12,7 @@ from onnxmerge.pass_framework import NodeRewritePass, PassContext, register_pass
 class ConstantToInitializer(NodeRewritePass):
     name = "constant_to_initializer"
     description = "Replace Constant nodes by initializers (some exporters store every weight in Constant nodes)."
+    preserves_shapes = True
     op_types = ("Constant",)
 
     def rewrite(self, graph: gs.Graph, node: gs.Node, ctx: PassContext) -> str | None:

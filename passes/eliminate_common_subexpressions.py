@@ -23,6 +23,7 @@ class _NotComparable(Exception):
 class EliminateCommonSubexpressions(GraphPass):
     name = "eliminate_common_subexpressions"
     description = "Replace the outputs of a node that duplicates an earlier one (same op, inputs, attributes)."
+    preserves_shapes = True
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         graph.toposort()

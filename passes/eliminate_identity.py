@@ -13,6 +13,7 @@ from onnxmerge.pass_framework import NodeRewritePass, PassContext, register_pass
 class EliminateIdentity(NodeRewritePass):
     name = "eliminate_identity"
     description = "Remove Identity nodes and Dropout nodes that are not in training mode."
+    preserves_shapes = True
     op_types = ("Identity", "Dropout")
 
     def rewrite(self, graph: gs.Graph, node: gs.Node, ctx: PassContext) -> str | None:

@@ -33,6 +33,7 @@ EXACT_WIDENINGS: dict[int, frozenset[int]] = {
 class EliminateNoopCast(NodeRewritePass):
     name = "eliminate_noop_cast"
     description = "Remove Casts to their input's own dtype and exact Cast chains (e.g. float32->float64->float32)."
+    preserves_shapes = True
     op_types = ("Cast",)
     requires = frozenset({SHAPES})  # dtypes come with the shapes
 

@@ -13,6 +13,7 @@ from onnxmerge.pass_framework import SHAPES, NodeRewritePass, PassContext, regis
 class EliminateNoopExpand(NodeRewritePass):
     name = "eliminate_noop_expand"
     description = "Remove Expands whose output shape equals their input shape."
+    preserves_shapes = True
     op_types = ("Expand",)
     requires = frozenset({SHAPES})
 

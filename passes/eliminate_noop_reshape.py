@@ -14,6 +14,7 @@ from onnxmerge.pass_framework import SHAPES, NodeRewritePass, PassContext, regis
 class EliminateNoopReshape(NodeRewritePass):
     name = "eliminate_noop_reshape"
     description = "Remove Reshapes that keep their input's shape; merge Reshape(Reshape(x)) into one Reshape."
+    preserves_shapes = True
     op_types = ("Reshape",)
     requires = frozenset({SHAPES})
 

@@ -16,6 +16,7 @@ _TO_THE_END = 2**31 - 1
 class EliminateNoopSlice(NodeRewritePass):
     name = "eliminate_noop_slice"
     description = "Remove Slices with step 1 that start at 0 and end at or past the end of every sliced axis."
+    preserves_shapes = True
     op_types = ("Slice",)
     requires = frozenset({SHAPES})
 

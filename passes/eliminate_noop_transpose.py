@@ -12,6 +12,7 @@ from onnxmerge.pass_framework import SHAPES, NodeRewritePass, PassContext, regis
 class EliminateNoopTranspose(NodeRewritePass):
     name = "eliminate_noop_transpose"
     description = "Remove identity-permutation Transposes; compose Transpose(Transpose(x)) into one Transpose."
+    preserves_shapes = True
     op_types = ("Transpose",)
     requires = frozenset({SHAPES})  # only for the rank, when a Transpose omits perm
 

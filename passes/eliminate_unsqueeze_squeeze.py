@@ -14,6 +14,7 @@ _INVERSE = {"Squeeze": "Unsqueeze", "Unsqueeze": "Squeeze"}
 class EliminateUnsqueezeSqueeze(NodeRewritePass):
     name = "eliminate_unsqueeze_squeeze"
     description = "Remove Unsqueeze->Squeeze and Squeeze->Unsqueeze pairs that insert and drop the same axes."
+    preserves_shapes = True
     op_types = ("Squeeze", "Unsqueeze")
     requires = frozenset({SHAPES})  # ranks, for negative axes and Squeeze without axes
 
