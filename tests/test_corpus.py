@@ -25,14 +25,6 @@ CAT_CLASSES = range(281, 286)  # tabby, tiger cat, Persian, Siamese, Egyptian ca
 ESPRESSO = 967
 
 
-@pytest.fixture(scope="session")
-def corpus() -> dict[str, Path]:
-    try:
-        return {name: fetch(name, corpus_dir()) for name in CORPUS}
-    except CorpusUnavailable as exc:
-        pytest.skip(f"corpus unavailable: {exc}")
-
-
 def _session(path: Path) -> ort.InferenceSession:
     return ort.InferenceSession(os.fspath(path), providers=["CPUExecutionProvider"])
 
