@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnxmerge.graph import constant_value, detach, is_graph_output, producer, replace_uses
+from onnxmerge.graph import bypass, constant_value, is_graph_output
 from onnxmerge.pass_framework import NodeRewritePass, PassContext, register_pass
 
 
@@ -21,22 +21,7 @@ class EliminateIdentity(NodeRewritePass):
             reason = _dropout_refusal(graph, node)
             if reason:
                 return reason
-        source, target = node.inputs[0], node.outputs[0]
-        if not is_graph_output(graph, target):
-            replace_uses(target, source)
-            detach(node)
-            return None
-        # The output name is part of the model's contract: let the source's producer write it directly.
-        source_producer = producer(source)
-        if source_producer is None or source_producer.op == "Constant":
-            return "it links a graph input or constant to a graph output; kept to preserve the output name"
-        if is_graph_output(graph, source):
-            return "both its input and output are graph outputs"
-        detach(node)
-        replace_uses(source, target)
-        index = next(i for i, t in enumerate(source_producer.outputs) if t is source)
-        source_producer.outputs[index] = target
-        return None
+        return bypass(graph, node, node.inputs[0], node.outputs[0])
 
 
 def _dropout_refusal(graph: gs.Graph, node: gs.Node) -> str | None:
