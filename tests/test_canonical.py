@@ -4,7 +4,7 @@ Identity chains, overwritten input shapes. Each on a small hand-made graph, thro
 import numpy as np
 import onnx
 import pytest
-from onnx import TensorProto, helper, numpy_helper
+from onnx import helper
 
 import onnxmerge
 from conftest import GraphBuilder, assert_same_outputs, op_types
