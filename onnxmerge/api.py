@@ -14,7 +14,9 @@ import onnx
 from onnxmerge.canonical import canonicalize
 from onnxmerge.environment import default_cache_dir
 from onnxmerge.errors import BadInputError, VerificationError
-from onnxmerge.io import ModelLike, io_signature, is_quantized, iter_tensors, load_model, save_model
+from onnxmerge.graph import external_data_dir
+from onnxmerge.io import (EXTERNAL_TENSOR_MIN_BYTES, ModelLike, external_data_files, io_signature, is_quantized,
+                          iter_tensors, load_model, load_small_external_data, staged_model)
 from onnxmerge.pass_framework import PassOptions
 from onnxmerge.pipeline import run_pipeline, select_passes
 from onnxmerge.runner import input_specs, parse_input_shapes
@@ -25,7 +27,12 @@ from onnxmerge.version import __version__
 
 @dataclass
 class FoldResult:
-    """``model`` has the type that was given: a ModelProto, or the Path the result was written to."""
+    """``model`` has the type that was given: a ModelProto, or the Path the result was written to.
+
+    ``proto`` is the result; for a file input it is the model as written, so when that has external data
+    its large tensors reference the output's data file (``onnx.load_external_data_for_model(proto,
+    output_folder)`` reads them in).
+    """
 
     model: onnx.ModelProto | Path
     proto: onnx.ModelProto
@@ -63,19 +70,43 @@ def fold(
     ``input_shapes`` picks the sizes verification and statistics use; dynamic dims stay dynamic.
     ``overwrite_input_shapes`` fixes dims in the written model (onnxsim's ``--overwrite-input-shape``), so
     shape arithmetic that reads them folds too. ``fold_size_limit_bytes`` caps a folded tensor's size.
+
+    Memory: a file whose weights are in external data (any model over 2 GB) is folded with its weights on
+    disk. Passes read only the tensors they look at, one at a time; the output is staged beside its
+    destination (untouched weights copied from the input's data file in chunks) and verified from there,
+    one ORT session at a time, so peak memory is about one session's copy of the weights.
     """
     pass_names = select_passes(only, skip)
     if isinstance(input_shapes, list):
         input_shapes = parse_input_shapes(input_shapes)
     if isinstance(overwrite_input_shapes, list):
         overwrite_input_shapes = parse_input_shapes(overwrite_input_shapes)
-    loaded = load_model(model)
-    canonical = canonicalize(loaded.proto, overwrite_input_shapes)
+    # Weights in external data stay on disk: passes read the few they rewrite, ORT reads the files.
+    loaded = load_model(model, load_external_data=False)
+    base_dir = loaded.path.parent if loaded.had_external_data else None
+    input_data_files = external_data_files(loaded.proto, base_dir) if base_dir is not None else set()
+    if base_dir is not None:
+        load_small_external_data(loaded.proto, base_dir, EXTERNAL_TENSOR_MIN_BYTES)
+    quantized = is_quantized(loaded.proto)
+    value_infos = len(loaded.proto.graph.value_info)
+    # A model read from a file is ours to canonicalize in place (a copy would copy every weight in memory);
+    # a quantized one is passed through as it was read.
+    canonical = canonicalize(loaded.proto, overwrite_input_shapes, in_place=loaded.path is not None and not quantized)
     original = canonical.model
     if loaded.path is not None and output is None:
         output = loaded.path.with_name(loaded.path.stem + ".folded.onnx")
     if output is not None and loaded.path is not None and Path(output).resolve() == loaded.path.resolve() and not force:
         raise BadInputError(f"refusing to overwrite the input model {output}; pass --force (force=True) to allow it")
+    if external_data is None and loaded.had_external_data:
+        external_data = True
+    if output is not None and external_data is not False and not force:
+        data_file = (Path(output).parent / (Path(output).name + ".data")).resolve()
+        if data_file in input_data_files:
+            raise BadInputError(f"writing {output} would overwrite {data_file.name}, the input's external data; "
+                                "choose another output name or pass --force (force=True)")
+    # ORT can load the reference straight from the input file when canonicalization changed nothing in it.
+    reference_path = loaded.path if (base_dir is not None and not canonical.changed
+                                     and len(original.graph.value_info) == value_infos) else None
     specs = input_specs(original, input_shapes)
     shapes = {spec.name: spec.shape for spec in specs}
     report: dict = {
@@ -87,43 +118,60 @@ def fold(
         "before": model_stats(loaded.proto, shapes),
     }
 
-    if is_quantized(original):
-        message = "quantized model (QLinear*/QuantizeLinear ops): passed through unchanged"
-        warnings.warn(message, stacklevel=2)
-        report["warnings"].append(message)
-        result_proto, run = loaded.proto, None
-        report["verification"] = {"passed": True, "skipped": "model unchanged"}
-    else:
-        if fold_size_limit_bytes < 0:
-            raise BadInputError(f"fold_size_limit_bytes must be >= 0, got {fold_size_limit_bytes}")
-        options = PassOptions(allow_costlier_merges=allow_costlier_merges, fold_size_limit_bytes=fold_size_limit_bytes)
-        run = run_pipeline(original, pass_names, options)
-        result_proto = run.model
-        report["rewrites"] = run.rewrites_per_pass()
-        report["rounds"], report["converged"] = run.rounds, run.converged
-        report["refusals"] = run.refusals
-        if not run.converged:
-            report["warnings"].append(f"pipeline did not reach a fixed point in {run.rounds} rounds")
-        checker = EquivalenceChecker(original, check_n=check_n, rtol=rtol, atol=atol, input_shapes=input_shapes,
-                                     seed=seed, noise_floor=noise_floor)
-        verification = checker.check(result_proto)
-        report["verification"] = verification.to_dict()
-        _check_signature(original, result_proto)
-        if not verification.passed:
-            culprit = _first_failing_pass(original, pass_names, options, checker, len(run.steps))
-            report["verification"]["first_failing_pass"] = culprit
-            raise VerificationError(
-                f"verification failed after pass '{culprit}': {verification.failure}; nothing was written",
-                report)
-    report["after"] = model_stats(result_proto, shapes)
-    if output is None:
-        return FoldResult(model=result_proto, proto=result_proto, report=report)
-    if external_data is None and loaded.had_external_data:
-        external_data = True
-    written = save_model(result_proto, output, input_path=loaded.path, force=force, external_data=external_data)
+    with external_data_dir(base_dir):
+        if quantized:
+            message = "quantized model (QLinear*/QuantizeLinear ops): passed through unchanged"
+            warnings.warn(message, stacklevel=2)
+            report["warnings"].append(message)
+            result_proto, verify = loaded.proto, None
+            report["verification"] = {"passed": True, "skipped": "model unchanged"}
+        else:
+            if fold_size_limit_bytes < 0:
+                raise BadInputError(f"fold_size_limit_bytes must be >= 0, got {fold_size_limit_bytes}")
+            options = PassOptions(allow_costlier_merges=allow_costlier_merges,
+                                  fold_size_limit_bytes=fold_size_limit_bytes)
+            run = run_pipeline(original, pass_names, options)
+            result_proto = run.model
+            report["rewrites"] = run.rewrites_per_pass()
+            report["rounds"], report["converged"] = run.rounds, run.converged
+            report["refusals"] = run.refusals
+            if not run.converged:
+                report["warnings"].append(f"pipeline did not reach a fixed point in {run.rounds} rounds")
+            n_steps = len(run.steps)
+            del run
+
+            def verify(candidate) -> None:
+                checker = EquivalenceChecker(original, check_n=check_n, rtol=rtol, atol=atol,
+                                             input_shapes=input_shapes, seed=seed, noise_floor=noise_floor,
+                                             reference_path=reference_path, base_dir=base_dir)
+                verification = checker.check(candidate)
+                report["verification"] = verification.to_dict()
+                _check_signature(original, result_proto)
+                if not verification.passed:
+                    culprit = _first_failing_pass(original, pass_names, options, checker, n_steps)
+                    report["verification"]["first_failing_pass"] = culprit
+                    raise VerificationError(
+                        f"verification failed after pass '{culprit}': {verification.failure}; nothing was written",
+                        report)
+
+        if output is None:
+            if verify is not None:
+                verify(result_proto)
+            report["after"] = model_stats(result_proto, shapes)
+            return FoldResult(model=result_proto, proto=result_proto, report=report)
+        # What is verified is the file that will be published: written into a staging folder beside the
+        # output, loaded by ORT from there, moved into place only when it passed (else removed).
+        with staged_model(result_proto, output, input_path=loaded.path, force=force, external_data=external_data,
+                          base_dir=base_dir) as staged:
+            if verify is not None:
+                verify(staged.path)
+            report["after"] = model_stats(staged.proto, shapes)
+            written = staged.publish()
     report["output"] = str(written)
-    returned = result_proto if isinstance(model, onnx.ModelProto) else written
-    return FoldResult(model=returned, proto=result_proto, report=report)
+    if isinstance(model, onnx.ModelProto):
+        return FoldResult(model=result_proto, proto=result_proto, report=report)
+    # For a file, the proto is the model as written: large tensors reference the output's data file.
+    return FoldResult(model=written, proto=staged.proto, report=report)
 
 
 def _check_signature(original: onnx.ModelProto, result: onnx.ModelProto) -> None:

@@ -44,10 +44,18 @@ class Canonicalization:
 
 
 def canonicalize(proto: onnx.ModelProto,
-                 overwrite_input_shapes: Mapping[str | None, Sequence[int]] | None = None) -> Canonicalization:
-    """A canonical copy of ``proto`` (the argument is never modified) and notes on what changed."""
-    model = onnx.ModelProto()
-    model.CopyFrom(proto)
+                 overwrite_input_shapes: Mapping[str | None, Sequence[int]] | None = None, *,
+                 in_place: bool = False) -> Canonicalization:
+    """A canonical copy of ``proto`` (the argument is not modified) and notes on what changed.
+
+    ``in_place=True`` canonicalizes ``proto`` itself, for callers that own it (a model they loaded from a
+    file): only declarations change, and copying would copy every weight held in memory.
+    """
+    if in_place:
+        model = proto
+    else:
+        model = onnx.ModelProto()
+        model.CopyFrom(proto)
     notes: list[str] = []
     notes += _drop_initializers_from_inputs(model)
     notes += _symbolic_numeric_dims(model)

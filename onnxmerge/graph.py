@@ -7,31 +7,129 @@ write creates a new tensor through :func:`add_constant`.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import hashlib
+import os
 import tempfile
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
+from onnx_graphsurgeon.ir.tensor import LazyValues, SparseValues
 
 from onnxmerge.conv_algebra import ConvParams
-from onnxmerge.io import EXTERNAL_DATA_THRESHOLD_BYTES, tensor_bytes
+from onnxmerge.io import (EXTERNAL_DATA_THRESHOLD_BYTES, EXTERNAL_TENSOR_MIN_BYTES, STRIPPED_LOCATION,
+                          array_bytes, iter_tensor_chunks, light_copy, read_tensor, tensor_bytes)
 
 _PASS_THROUGH_OPS = ("Identity",)
 
+# Folder the external data of the model being worked on is read from (None: weights are in memory).
+_EXTERNAL_DATA_DIR: contextvars.ContextVar[Path | None] = contextvars.ContextVar("onnxmerge_external_data_dir",
+                                                                                 default=None)
+
+
+@contextlib.contextmanager
+def external_data_dir(folder: str | os.PathLike | None) -> Iterator[None]:
+    """Within this block, graphs imported read weights kept in external data from ``folder`` (the model's
+    folder), on demand; fold sets it so that a model's weights never have to be loaded all at once."""
+    token = _EXTERNAL_DATA_DIR.set(Path(folder) if folder is not None else None)
+    try:
+        yield
+    finally:
+        _EXTERNAL_DATA_DIR.reset(token)
+
+
+def current_external_data_dir() -> Path | None:
+    return _EXTERNAL_DATA_DIR.get()
+
+
+class _StoredValues(LazyValues):
+    """graphsurgeon's lazy values of an imported tensor, resolving external data against the model's folder."""
+
+    base_dir: Path | None = None
+
+    def load(self) -> np.ndarray:
+        return read_tensor(self.tensor, self.base_dir)
+
+
+class _StoredConstant(gs.Constant):
+    """An imported constant whose values are read from its TensorProto (or external data file) on every
+    access and never cached on the object: graphsurgeon's ``Constant.values`` keeps the loaded array, which
+    would hold a copy of every weight any pass (or graphsurgeon itself) ever looked at."""
+
+    @property
+    def values(self):
+        if isinstance(self._values, LazyValues):
+            return self._values.load()
+        return self._values
+
+    @values.setter
+    def values(self, values):
+        self._values = values
+
 
 def import_graph(proto: onnx.ModelProto) -> gs.Graph:
-    return gs.import_onnx(proto)
+    """Import without reading any weight: constants read their values when asked, from memory or, for
+    tensors in external data, from the folder set by :func:`external_data_dir`."""
+    graph = gs.import_onnx(proto)
+    _make_stored(graph, _EXTERNAL_DATA_DIR.get())
+    return graph
 
 
-def export_graph(graph: gs.Graph, template: onnx.ModelProto) -> onnx.ModelProto:
+def _make_stored(graph: gs.Graph, base_dir: Path | None) -> None:
+    def visit(value) -> None:
+        if isinstance(value, gs.Constant) and type(value) is gs.Constant:
+            value.__class__ = _StoredConstant
+            if type(value._values) is LazyValues:
+                value._values.__class__ = _StoredValues
+                value._values.base_dir = base_dir
+        elif isinstance(value, gs.Graph):
+            _make_stored(value, base_dir)
+
+    for tensor in graph.tensors().values():
+        visit(tensor)
+    for node in graph.nodes:
+        for value in node.attrs.values():
+            visit(value)
+
+
+def tensor_values(tensor: gs.Constant) -> np.ndarray:
+    """A constant's values, read without caching them on the tensor (see :class:`_StoredConstant`)."""
+    values = tensor._values
+    return values.load() if isinstance(values, LazyValues) else values
+
+
+def constant_digest(tensor: gs.Constant, limit: int | None = None) -> str:
+    """SHA-256 of a constant's stored bytes (the first ``limit`` of them when given), streamed from its data
+    file when it is in external data, so digesting weights never loads them."""
+    digest = hashlib.sha256()
+    values = tensor._values
+    if isinstance(values, LazyValues) and not isinstance(values, SparseValues):
+        for chunk in iter_tensor_chunks(values.tensor, getattr(values, "base_dir", None), limit):
+            digest.update(chunk)
+    else:
+        data = array_bytes(tensor_values(tensor))
+        digest.update(data if limit is None else data[:limit])
+    return digest.hexdigest()
+
+
+def export_graph(graph: gs.Graph, template: onnx.ModelProto, *, light: bool = False) -> onnx.ModelProto:
     """Export, keeping everything of the original model that the graph does not own.
 
     Opset imports, IR version, metadata and the exact graph input/output declarations (names, dtypes,
     dynamic dim symbols) are copied from ``template`` so that a rewrite never changes the I/O contract.
+
+    ``light=True`` is for readers of types and shapes (shape inference): constants of
+    ``EXTERNAL_TENSOR_MIN_BYTES`` or more held in memory are exported as payload-less stand-ins (see
+    :func:`onnxmerge.io.light_copy`) and tensors in external data stay references, so the export costs
+    kilobytes, not a copy of every weight. Such a model must not be written or run.
     """
     graph.toposort()
-    model = gs.export_onnx(graph, do_type_check=False)
+    with _stand_ins(graph) if light else contextlib.nullcontext():
+        model = gs.export_onnx(graph, do_type_check=False)
     del model.opset_import[:]
     model.opset_import.extend(template.opset_import)
     model.ir_version = template.ir_version
@@ -45,6 +143,46 @@ def export_graph(graph: gs.Graph, template: onnx.ModelProto) -> onnx.ModelProto:
             if value.name in declared:
                 value.CopyFrom(declared[value.name])
     return model
+
+
+@contextlib.contextmanager
+def _stand_ins(graph: gs.Graph) -> Iterator[None]:
+    """Temporarily give large in-memory constants payload-less values (restored on exit)."""
+    swapped = []
+    try:
+        for tensor in graph.tensors().values():
+            if isinstance(tensor, gs.Constant) and not isinstance(tensor._values, SparseValues):
+                stand_in = _stand_in(tensor)
+                if stand_in is not None:
+                    swapped.append((tensor, tensor._values))
+                    tensor._values = stand_in
+        yield
+    finally:
+        for tensor, values in swapped:
+            tensor._values = values
+
+
+def _stand_in(tensor: gs.Constant) -> LazyValues | None:
+    values = tensor._values
+    if isinstance(values, LazyValues):
+        proto = values.tensor
+        if proto.data_location == onnx.TensorProto.EXTERNAL or not proto.HasField("raw_data"):
+            return None  # a reference already, or small typed data
+        elem_type, dims, nbytes = proto.data_type, list(proto.dims), values.nbytes
+    else:
+        array = np.asarray(values)
+        try:
+            elem_type = onnx.helper.np_dtype_to_tensor_dtype(np.dtype(tensor.export_dtype))
+        except (KeyError, TypeError, ValueError):
+            return None
+        dims, nbytes = list(array.shape), array.nbytes
+    if nbytes < EXTERNAL_TENSOR_MIN_BYTES:
+        return None
+    stub = onnx.TensorProto(name=tensor.name, data_type=elem_type, dims=dims,
+                            data_location=onnx.TensorProto.EXTERNAL)
+    for key, value in (("location", STRIPPED_LOCATION), ("offset", "0"), ("length", str(nbytes))):
+        stub.external_data.add(key=key, value=value)
+    return LazyValues(stub)
 
 
 def producer(tensor: gs.Tensor) -> gs.Node | None:
@@ -70,7 +208,7 @@ def constant_value(tensor: gs.Tensor | None) -> np.ndarray | None:
     """The value of a tensor known at export time, looking through Identity and Constant nodes."""
     while tensor is not None:
         if isinstance(tensor, gs.Constant):
-            return np.asarray(tensor.values)
+            return np.asarray(tensor_values(tensor))
         node = producer(tensor)
         if node is None:
             return None
@@ -85,7 +223,7 @@ def constant_value(tensor: gs.Tensor | None) -> np.ndarray | None:
 def _constant_node_value(node: gs.Node) -> np.ndarray | None:
     attrs = node.attrs
     if "value" in attrs:
-        return np.asarray(attrs["value"].values)
+        return np.asarray(tensor_values(attrs["value"]))
     if "value_float" in attrs:
         return np.array(attrs["value_float"], dtype=np.float32)
     if "value_floats" in attrs:
@@ -208,7 +346,7 @@ def detach(node: gs.Node) -> None:
 
 def infer_shapes(graph: gs.Graph, template: onnx.ModelProto) -> int:
     """Run ONNX shape inference and copy the result onto the graph's tensors; returns tensors newly typed."""
-    model = export_graph(graph, template)
+    model = export_graph(graph, template, light=True)
     del model.graph.value_info[:]
     try:
         inferred = run_shape_inference(model)
@@ -234,22 +372,26 @@ def infer_shapes(graph: gs.Graph, template: onnx.ModelProto) -> int:
 
 
 def run_shape_inference(model: onnx.ModelProto) -> onnx.ModelProto:
-    """ONNX shape inference of a proto; through a temporary file when it is too large to serialise (>2 GB).
+    """ONNX shape inference of a proto, never of its weights' bytes; ``model`` is not modified.
 
-    The one place that decides how inference runs (shared with :mod:`onnxmerge.stats`); it raises whatever
-    ONNX raises, callers decide what a failure means.
+    The one place that decides how inference runs (shared with :mod:`onnxmerge.stats`). Inference needs the
+    types and dims of large tensors, not their data, so it runs on a light copy (large payloads left out,
+    small tensors such as Reshape targets kept, see :func:`onnxmerge.io.light_copy`): the copy is kilobytes
+    and goes through a temporary file only if it still is too large to serialise (>2 GB of small tensors or
+    Constant nodes). The result's large initializers are stand-ins: read shapes from it, not values. It
+    raises whatever ONNX raises; callers decide what a failure means.
     """
-    if tensor_bytes(model) < EXTERNAL_DATA_THRESHOLD_BYTES:
-        return onnx.shape_inference.infer_shapes(model, data_prop=True)
-    return _infer_shapes_via_file(model)
+    skeleton = light_copy(model, EXTERNAL_TENSOR_MIN_BYTES)
+    if tensor_bytes(skeleton) < EXTERNAL_DATA_THRESHOLD_BYTES:
+        return onnx.shape_inference.infer_shapes(skeleton, data_prop=True)
+    return _infer_shapes_via_file(skeleton)
 
 
 def _infer_shapes_via_file(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Inference through a temporary file; ``model`` (a light copy the caller owns) gets external data."""
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "model.onnx"
-        copy = onnx.ModelProto()
-        copy.CopyFrom(model)
-        onnx.save_model(copy, str(path), save_as_external_data=True, location="model.onnx.data")
+        onnx.save_model(model, str(path), save_as_external_data=True, location="model.onnx.data")
         onnx.shape_inference.infer_shapes_path(str(path), str(path))
         return onnx.load(str(path), load_external_data=False)
 

@@ -16,11 +16,8 @@ import numpy as np
 import onnx
 
 from onnxmerge.errors import first_line
-from onnxmerge.io import iter_tensors, tensor_bytes
+from onnxmerge.io import EXTERNAL_TENSOR_MIN_BYTES, external_bytes, iter_tensors, light_copy
 
-
-_TENSOR_DATA_FIELDS = ("raw_data", "float_data", "int32_data", "int64_data", "double_data", "uint64_data",
-                       "string_data")
 
 # At most this many unknown-MAC nodes are listed in model_stats (the count is always complete).
 MACS_UNKNOWN_LIST_LIMIT = 20
@@ -121,8 +118,7 @@ def shape_facts(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]]
     """
     facts = ShapeFacts()
     try:
-        fixed = onnx.ModelProto()
-        fixed.CopyFrom(model)
+        fixed = light_copy(model)  # the weights' types and dims, not their bytes: kilobytes for any model
         _pin_inputs(fixed, dict(input_shapes or {}))
         del fixed.graph.value_info[:]
     except Exception as exc:
@@ -432,13 +428,10 @@ def einsum_macs(equation: str, shapes: list[tuple[int, ...]]) -> int:
 
 
 def serialized_size(model: onnx.ModelProto) -> int:
-    """Bytes the model takes on disk (graph plus tensor data), without serializing a >2 GB message."""
-    graph_only = onnx.ModelProto()
-    graph_only.CopyFrom(model)
-    for tensor in iter_tensors(graph_only.graph):
-        for data_field in _TENSOR_DATA_FIELDS:
-            tensor.ClearField(data_field)
-    return graph_only.ByteSize() + tensor_bytes(model)
+    """Bytes the model takes on disk (graph plus tensor data, external data files included), without
+    serializing a >2 GB message or copying its weights: the large tensors are counted by their length."""
+    skeleton = light_copy(model, EXTERNAL_TENSOR_MIN_BYTES)
+    return skeleton.ByteSize() + external_bytes(skeleton)
 
 
 def _never_raise(function, *args):

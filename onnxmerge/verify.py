@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import numpy as np
 import onnx
 
 from onnxmerge.errors import BadInputError, first_line
-from onnxmerge.runner import input_specs, make_session, random_inputs
+from onnxmerge.io import EXTERNAL_DATA_THRESHOLD_BYTES, iter_tensors, save_model, tensor_bytes
+from onnxmerge.runner import input_specs, make_session, random_inputs, session_options
+
+# ORT session option: the folder external data is read from when the model is given as bytes.
+_EXTERNAL_FOLDER_KEY = "session.model_external_initializers_file_folder_path"
+_DISABLE_PREPACKING_KEY = "session.disable_prepacking"
 
 DEFAULT_RTOL = 1e-4
 DEFAULT_ATOL = 1e-5
@@ -59,16 +67,25 @@ class EquivalenceChecker:
     by ~4e-5. The reference is therefore also run with ORT's optimizer on, and an element whose error is
     within NOISE_FLOOR_FACTOR x that difference passes too (``noise_floor=False`` turns this off). A real
     mistake (a wrong fold) is orders of magnitude above that floor.
+
+    Memory: at most one ORT session exists at a time (each holds its own copy, or mapping, of the weights):
+    the reference's is dropped once its outputs are computed, a candidate's when it has been compared. Models
+    whose weights stay in external data are loaded by ORT from files: ``reference_path`` (the file the
+    reference was read from, when it is that file's model unchanged) and candidates given as paths (a staged
+    output); a ModelProto whose external tensors live in ``base_dir`` is given to ORT as bytes plus that folder.
     """
 
     def __init__(self, reference: onnx.ModelProto, *, check_n: int = DEFAULT_CHECK_N, rtol: float = DEFAULT_RTOL,
                  atol: float = DEFAULT_ATOL, input_shapes: dict | None = None, seed: int = 0,
-                 noise_floor: bool = True):
+                 noise_floor: bool = True, reference_path: str | os.PathLike | None = None,
+                 base_dir: str | os.PathLike | None = None):
         if check_n < 1:
             raise BadInputError("check_n must be at least 1")
         self.check_n, self.rtol, self.atol, self.seed, self.noise_floor = check_n, rtol, atol, seed, noise_floor
+        self.base_dir = Path(base_dir) if base_dir is not None else None
         self.specs = input_specs(reference, input_shapes)
-        session = make_session(reference, opt_level="disable")
+        source = reference_path if reference_path is not None else reference
+        session = self._session(source, "disable")
         self.output_names = [o.name for o in session.get_outputs()]
         self.feeds = [random_inputs(self.specs, seed + trial) for trial in range(check_n)]
         try:
@@ -76,24 +93,44 @@ class EquivalenceChecker:
         except Exception as exc:  # ORT's error types are not part of its public API
             raise BadInputError(f"the model does not run in ONNX Runtime with inputs {self._shapes()}: "
                                 f"{first_line(exc)}") from None
+        del session  # before the next session: one copy of the weights at a time
         self.noise = {name: 0.0 for name in self.output_names}
         if noise_floor:
-            optimized = make_session(reference, opt_level="all")
+            optimized = self._session(source, "all")
             for feeds, expected in zip(self.feeds, self.expected):
                 for name, want, got in zip(self.output_names, expected, optimized.run(None, feeds)):
                     if np.issubdtype(want.dtype, np.floating):
                         diff = np.abs(got.astype(np.float64) - want.astype(np.float64))
                         self.noise[name] = max(self.noise[name], float(np.nanmax(diff, initial=0.0)))
+            del optimized
+
+    def _session(self, model: onnx.ModelProto | str | os.PathLike, opt_level: str):
+        """An ORT session over a path, or a ModelProto whose external tensors (if any) live in ``base_dir``."""
+        options = session_options(opt_level)
+        if self.base_dir is None:
+            return make_session(model, options=options)
+        # Weights in external data: ORT maps them from their file. Pre-packing them for faster GEMMs would
+        # take a second copy of every weight and most of the time, for the few runs verification makes.
+        options.add_session_config_entry(_DISABLE_PREPACKING_KEY, "1")
+        if isinstance(model, onnx.ModelProto) and \
+                any(t.data_location == onnx.TensorProto.EXTERNAL for t in iter_tensors(model.graph)):
+            if tensor_bytes(model) >= EXTERNAL_DATA_THRESHOLD_BYTES:  # too much in memory to pass as bytes
+                with tempfile.TemporaryDirectory() as folder:
+                    path = save_model(model, Path(folder) / "model.onnx", external_data=True, base_dir=self.base_dir)
+                    return make_session(path, options=options)
+            options.add_session_config_entry(_EXTERNAL_FOLDER_KEY, str(self.base_dir.resolve()))
+        return make_session(model, options=options)
 
     def _shapes(self) -> dict[str, list[int]]:
         return {spec.name: list(spec.shape) for spec in self.specs}
 
-    def check(self, candidate: onnx.ModelProto) -> Verification:
+    def check(self, candidate: onnx.ModelProto | str | os.PathLike) -> Verification:
+        """Compare ``candidate`` (a ModelProto, or the path of a model file) with the reference."""
         result = Verification(passed=True, check_n=self.check_n, rtol=self.rtol, atol=self.atol, seed=self.seed,
                               input_shapes=self._shapes(),
                               assumptions=[note for spec in self.specs for note in spec.assumed],
                               noise_floor=self.noise_floor)
-        session = make_session(candidate, opt_level="disable")
+        session = self._session(candidate, "disable")
         names = [o.name for o in session.get_outputs()]
         if names != self.output_names:
             result.passed, result.failure = False, f"output names changed: {self.output_names} -> {names}"

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import hashlib
-
+import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnxmerge.graph import is_graph_input, is_graph_output, replace_uses
+from onnxmerge.graph import constant_digest, is_graph_input, is_graph_output, replace_uses
 from onnxmerge.pass_framework import GraphPass, PassContext, PassResult, register_pass
 
 
@@ -27,16 +26,41 @@ class Cleanup(GraphPass):
 
     @staticmethod
     def _merge_duplicate_constants(graph: gs.Graph) -> int:
-        """Point readers of a duplicate constant at its first twin (inputs and outputs are left alone)."""
-        first_seen: dict[tuple, gs.Constant] = {}
-        merged = 0
+        """Point readers of a duplicate constant at its first twin (inputs and outputs are left alone).
+
+        Contents are compared by digest of their stored bytes, and only between constants of the same dtype and
+        shape whose first :data:`_PREFIX_BYTES` already agree: weights are streamed from their data file, never
+        loaded, and most are told apart by their first bytes (types and dims come from the header).
+        """
+        candidates: dict[tuple, list[gs.Constant]] = {}
         for tensor in list(graph.tensors().values()):
             if not isinstance(tensor, gs.Constant) or is_graph_input(graph, tensor) or is_graph_output(graph, tensor):
                 continue
-            values = tensor.values
-            key = (values.dtype.str, values.shape, hashlib.sha256(values.tobytes()).hexdigest())
-            twin = first_seen.setdefault(key, tensor)
-            if twin is not tensor:
-                replace_uses(tensor, twin)
-                merged += 1
+            candidates.setdefault((_dtype_key(tensor.dtype), tuple(tensor.shape)), []).append(tensor)
+        merged = 0
+        for group in candidates.values():
+            if len(group) < 2:
+                continue
+            by_prefix: dict[str, list[gs.Constant]] = {}
+            for tensor in group:
+                by_prefix.setdefault(constant_digest(tensor, _PREFIX_BYTES), []).append(tensor)
+            for same_prefix in by_prefix.values():
+                if len(same_prefix) < 2:
+                    continue
+                first_seen: dict[str, gs.Constant] = {}
+                for tensor in same_prefix:
+                    twin = first_seen.setdefault(constant_digest(tensor), tensor)
+                    if twin is not tensor:
+                        replace_uses(tensor, twin)
+                        merged += 1
         return merged
+
+
+_PREFIX_BYTES = 1 << 16
+
+
+def _dtype_key(dtype) -> str:
+    try:
+        return np.dtype(dtype).str
+    except TypeError:  # graphsurgeon keeps ONNX type ids for types numpy lacks
+        return f"onnx:{dtype}"

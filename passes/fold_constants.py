@@ -29,8 +29,8 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from onnxmerge.graph import (add_constant, constant_value, detach, export_graph, import_graph, is_graph_output,
-                             replace_uses, static_shape)
+from onnxmerge.graph import (add_constant, constant_value, current_external_data_dir, detach, export_graph,
+                             import_graph, is_graph_output, replace_uses, static_shape)
 from onnxmerge.pass_framework import SHAPES, GraphPass, PassContext, PassResult, register_pass
 
 _NONDETERMINISTIC = frozenset({"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike",
@@ -70,12 +70,20 @@ class FoldConstants(GraphPass):
 
 
 def _fold(model: onnx.ModelProto, limit_bytes: int) -> onnx.ModelProto | None:
-    """The model with its constant subgraphs folded (None if nothing folded)."""
+    """The model with its constant subgraphs folded (None if nothing folded).
+
+    Weights kept in external data stay references through the round trip (the export passes them through,
+    onnx-ir reads one only when a node it evaluates needs it, from the model's folder, and writes the
+    reference back), so the round trip costs kilobytes for them.
+    """
     import onnx_ir as ir
     import onnx_ir.passes.common as common
     from onnxscript.optimizer import fold_constants
 
     ir_model = ir.serde.deserialize_model(model)
+    base_dir = current_external_data_dir()
+    if base_dir is not None:
+        ir.external_data.set_base_dir(ir_model.graph, base_dir)
 
     def should_fold(node: "ir.Node") -> bool | None:
         if node.domain not in ("", "ai.onnx") or node.op_type in _NONDETERMINISTIC:
