@@ -79,7 +79,7 @@ class EliminateNoopCast(NodeRewritePass):
 
 def elem_type(tensor: gs.Tensor) -> int | None:
     """The ONNX element type of a tensor, from its values or the dtype shape inference recorded."""
-    dtype = tensor.values.dtype if isinstance(tensor, gs.Constant) else tensor.dtype
+    dtype = tensor.dtype  # a Constant knows its dtype without reading its values (they may be on disk)
     if dtype is None:
         return None
     if isinstance(dtype, (int, np.integer)):  # graphsurgeon keeps ONNX ids for types numpy lacks
