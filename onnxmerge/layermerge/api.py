@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from onnxmerge.activations import Activation
 from onnxmerge.layermerge.build import SegmentChoice, apply_segments, dominant_activation
 from onnxmerge.layermerge.dp import Plan, join_tables, minimum_latency, solve
 from onnxmerge.layermerge.importance import ImportanceScorer, fidelity, option_key
@@ -24,70 +25,56 @@ from onnxmerge.io import ModelLike, load_model, save_model
 from onnxmerge.latency_table import ConvSignature, measure
 from onnxmerge.profiler import compare, profile
 from onnxmerge.report import write_json
-from onnxmerge.runner import batch_chunk, input_specs, make_session, parse_input_shapes, run_batched
+from onnxmerge.dataset import Dataset, load_dataset, run_batched
+from onnxmerge.runner import input_specs, make_session, parse_input_shapes
 
 MAX_ROUNDS = 3
 SPEEDUP_TOLERANCE = 0.98  # a measured speed-up within 2% of the target counts as reached
 
 
-@dataclass
-class Calibration:
-    """Calibration inputs split into a part to fit/train on and a held-out part to score on."""
+HELD_OUT_FRACTION = 0.25
 
-    fit: dict[str, np.ndarray]
-    held_out: dict[str, np.ndarray]
-    labels: np.ndarray | None  # of the held-out part
+
+@dataclass(frozen=True)
+class Calibration:
+    """Calibration data split into a part to fit/train on and a held-out part to score on (file order kept)."""
+
+    fit: Dataset
+    held_out: Dataset
+
+    @property
+    def labels(self) -> np.ndarray | None:
+        """Labels of the held-out part (None when the file has none)."""
+        return self.held_out.labels
 
     @property
     def size(self) -> int:
-        return len(next(iter(self.fit.values()))) + len(next(iter(self.held_out.values())))
+        return self.fit.size + self.held_out.size
 
 
-def load_calibration(path: str | Path, model: onnx.ModelProto, held_out_fraction: float = 0.25) -> Calibration:
-    """Read ``.npz`` calibration data (one N×... array per model input, optional ``labels``) and check it."""
-    path = Path(path)
-    if not path.is_file():
-        raise BadInputError(f"calibration file not found: {path}")
-    try:
-        data = dict(np.load(path))
-    except (OSError, ValueError) as exc:
-        raise BadInputError(f"cannot read calibration file {path} as .npz ({exc})") from None
-    labels = data.pop("labels", None)
-    specs = input_specs(model)
-    names = {spec.name for spec in specs}
-    if set(data) != names:
-        raise BadInputError(f"calibration file {path} has arrays {sorted(data)}; the model's inputs are "
-                            f"{sorted(names)} (plus optional 'labels')")
-    counts = {len(array) for array in data.values()}
-    if len(counts) != 1 or min(counts) < 2:
-        raise BadInputError(f"calibration arrays need the same number (>= 2) of samples, got {sorted(counts)}")
-    count = counts.pop()
-    for spec in specs:
-        array = data[spec.name]
-        declared = model.graph.input[[v.name for v in model.graph.input].index(spec.name)].type.tensor_type.shape.dim
-        if array.ndim != len(declared) or any(d.HasField("dim_value") and axis > 0 and d.dim_value != size
-                                              for axis, (d, size) in enumerate(zip(declared, array.shape))):
-            raise BadInputError(f"calibration array '{spec.name}' has shape {list(array.shape)}, which does not "
-                                f"fit the model input {[d.dim_value or d.dim_param for d in declared]}")
-        data[spec.name] = array.astype(spec.dtype, copy=False)
-    if labels is not None and len(labels) != count:
-        raise BadInputError(f"'labels' has {len(labels)} entries for {count} calibration samples")
-    split = max(1, int(round(count * (1 - held_out_fraction))))
-    split = min(split, count - 1)
-    return Calibration(fit={k: v[:split] for k, v in data.items()}, held_out={k: v[split:] for k, v in data.items()},
-                       labels=None if labels is None else labels[split:])
+def load_calibration(path: str | Path, model: onnx.ModelProto,
+                     held_out_fraction: float = HELD_OUT_FRACTION) -> Calibration:
+    """Read ``.npz`` calibration data (one N×... array per model input, optional ``labels``), check it against
+    ``model`` and hold out its last rows (:mod:`onnxmerge.dataset` has the rules)."""
+    fit, held_out = load_dataset(path, model, what="calibration").split(held_out_fraction)
+    return Calibration(fit, held_out)
 
 
-def _signature(option: KernelOption, activation: str | None, batch: int) -> ConvSignature:
+def _signature(option: KernelOption, activation: Activation | None, batch: int) -> ConvSignature:
     return ConvSignature(in_channels=option.in_channels, out_channels=option.out_channels, kernel=option.kernel,
                          input_hw=option.input_hw, stride=option.stride,
                          groups=option.out_channels if option.depthwise else 1, padding="same",
                          activation=activation, batch=batch)
 
 
-def _end_activation(analysis: ChainAnalysis, end: int, option: KernelOption) -> str | None:
-    kind = analysis.positions[end].activation
-    return kind if kind is not None or len(option.kept) < 2 else dominant_activation(analysis)
+def _end_activation(analysis: ChainAnalysis, end: int, option: KernelOption) -> Activation | None:
+    """The activation after the segment's merged conv, with its parameters: the position's own, or the one
+    apply_segments adds where a merged segment ends at a linear position."""
+    activation = analysis.positions[end].activation_value
+    if activation is not None or len(option.kept) < 2:
+        return activation
+    dominant = dominant_activation(analysis)
+    return None if dominant is None else dominant.fitted(option.out_channels)
 
 
 @dataclass
@@ -256,9 +243,9 @@ def compress(model: ModelLike, output: str | Path | None = None, *, calibration:
 def evaluate(problem: CompressionProblem, student: onnx.ModelProto) -> dict:
     """Fidelity of a compressed model to the original on the held-out calibration inputs."""
     calib = problem.calibration
-    chunk = batch_chunk(problem.canonical)
-    reference = run_batched(make_session(problem.canonical, threads=problem.threads), calib.held_out, chunk)
-    outputs = run_batched(make_session(student, threads=problem.threads), calib.held_out, chunk)
+    reference = run_batched(make_session(problem.canonical, threads=problem.threads), calib.held_out,
+                            problem.canonical)
+    outputs = run_batched(make_session(student, threads=problem.threads), calib.held_out, student)
     score, agreement = fidelity(reference, outputs)
     result = {"score": score, "top1_agreement": agreement,
               "max_abs_error": max(float(np.max(np.abs(a - b))) for a, b in zip(reference, outputs)),

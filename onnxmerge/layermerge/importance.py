@@ -26,7 +26,8 @@ from onnxmerge.layermerge.segments import ChainAnalysis, KernelOption
 from onnxmerge.conv_algebra import ConvParams
 from onnxmerge.graph import export_graph, import_graph
 from onnxmerge.io import clamp_ir_version
-from onnxmerge.runner import batch_chunk, make_session, run_batched
+from onnxmerge.dataset import Dataset, run_batched
+from onnxmerge.runner import make_session
 
 # Ridge refits are solved only when a group's unknowns stay small enough for a dense normal-equation solve.
 MAX_REFIT_UNKNOWNS = 2304
@@ -176,11 +177,10 @@ def _patches(inputs: np.ndarray, params: ConvParams) -> np.ndarray | None:
 class ImportanceScorer:
     """Scores entries against the original, reusing per-start activations (computed once per start)."""
 
-    def __init__(self, model: onnx.ModelProto, analysis: ChainAnalysis, calibration: dict[str, np.ndarray], *,
-                 holdout: dict[str, np.ndarray] | None = None, labels: np.ndarray | None = None,
+    def __init__(self, model: onnx.ModelProto, analysis: ChainAnalysis, calibration: Dataset | dict[str, np.ndarray],
+                 *, holdout: Dataset | dict[str, np.ndarray] | None = None, labels: np.ndarray | None = None,
                  threads: int = 1):
         self.model, self.analysis, self.threads = model, analysis, threads
-        self.chunk = batch_chunk(model)
         self.labels = labels  # of the held-out inputs: score accuracy instead of KL
         self.fit_inputs = calibration
         self.eval_inputs = holdout if holdout is not None else calibration
@@ -213,8 +213,9 @@ class ImportanceScorer:
         return fidelity(self.reference, self._run(suffix_model(candidate, frontier_values), frontier_values),
                         self.labels)
 
-    def _run(self, model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-        return run_batched(make_session(model, threads=self.threads), feeds, self.chunk)
+    def _run(self, model: onnx.ModelProto, feeds: Dataset | dict[str, np.ndarray]) -> list[np.ndarray]:
+        # Suffix models declare a symbolic batch; the original's export batch rule applies to all of them.
+        return run_batched(make_session(model, threads=self.threads), feeds, self.model)
 
     def table(self, entries: list[tuple[int, int, KernelOption]], jobs: int = 1, use_refit: bool = True,
               progress=None) -> dict[tuple[int, int, str], ImportanceEntry]:

@@ -32,7 +32,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from onnxmerge.layermerge.torch_bridge import OnnxModule, write_back
 from onnxmerge.errors import BadInputError, VerificationError, first_line
 from onnxmerge.io import ModelLike, io_signature, load_model
-from onnxmerge.runner import DEFAULT_CHUNK, make_session, run_batched
+from onnxmerge.dataset import Dataset, load_dataset, run_batched
+from onnxmerge.runner import make_session
 
 TEMPERATURE = 2.0
 # The written ONNX must reproduce the trained module up to float32 reordering noise (~1e-6 of the output
@@ -70,18 +71,19 @@ class DistillResult:
         return report | {"loss_first": self.loss_first, "loss_last": self.loss_last}
 
 
-def distill(student: onnx.ModelProto, teacher: ModelLike, calibration: dict[str, np.ndarray], *,
+def distill(student: onnx.ModelProto, teacher: ModelLike, calibration: Dataset | dict[str, np.ndarray], *,
             steps: int = 300, lr: float = 1e-3, batch_size: int = 32, seed: int = 0, progress: bool = True,
             threads: int = 2) -> DistillResult:
     """Train ``student``'s Conv/Gemm/MatMul weights to reproduce ``teacher`` on ``calibration`` (input name →
-    N x ... array) with Adam and a cosine schedule; deterministic for a seed and thread count."""
+    N x ... array, or a loaded :class:`~onnxmerge.dataset.Dataset`) with Adam and a cosine schedule;
+    deterministic for a seed and thread count."""
     start = time.perf_counter()
     if steps < 1 or batch_size < 1 or threads < 1 or not lr > 0:
         raise BadInputError(f"need steps >= 1, batch_size >= 1, threads >= 1 and lr > 0 "
                             f"(got steps={steps}, batch_size={batch_size}, threads={threads}, lr={lr})")
     student = load_model(student).proto
     teacher = load_model(teacher).proto
-    inputs, chunk = _check_calibration(student, teacher, calibration)
+    inputs = _check_calibration(student, teacher, calibration).arrays
     outputs = _float_outputs(student, teacher)
     module = OnnxModule(student)
     if not list(module.parameters()):
@@ -90,7 +92,7 @@ def distill(student: onnx.ModelProto, teacher: ModelLike, calibration: dict[str,
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        targets = _run_ort(make_session(teacher, threads=threads), inputs, outputs, chunk)
+        targets = _run_ort(make_session(teacher, threads=threads), inputs, outputs, teacher)
         train, heldout = _split(len(next(iter(inputs.values()))), seed)
         before, _ = _heldout(module, inputs, targets, heldout)
         losses = _train(module, inputs, targets, train, steps=steps, lr=lr, batch_size=batch_size, seed=seed,
@@ -100,7 +102,7 @@ def distill(student: onnx.ModelProto, teacher: ModelLike, calibration: dict[str,
     finally:
         torch.set_num_threads(previous_threads)
     runtime = _run_ort(make_session(written, opt_level="disable", threads=threads), _rows(inputs, heldout),
-                       outputs, chunk)
+                       outputs, written)
     error = max(float(np.abs(runtime[name] - trained[name].numpy()).max()) for name in outputs)
     scale = max(float(np.abs(trained[name].numpy()).max()) for name in outputs)
     result = DistillResult(written, losses, steps, time.perf_counter() - start, len(heldout), before, after,
@@ -113,40 +115,15 @@ def distill(student: onnx.ModelProto, teacher: ModelLike, calibration: dict[str,
 
 
 def _check_calibration(student: onnx.ModelProto, teacher: onnx.ModelProto,
-                       calibration: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], int]:
-    """Calibration arrays cast to the declared dtypes, and the ORT chunk size a fixed batch dimension forces."""
-    declared = io_signature(student)["inputs"]
-    names = [name for name, _, _ in declared]
+                       calibration: Dataset | dict[str, np.ndarray]) -> Dataset:
+    """The calibration data checked against the student (names, shapes, dtypes cast) by the one dataset loader."""
+    names = [name for name, _, _ in io_signature(student)["inputs"]]
     if [name for name, _, _ in io_signature(teacher)["inputs"]] != names:
         raise BadInputError(f"student inputs {names} differ from the teacher's "
                             f"{[name for name, _, _ in io_signature(teacher)['inputs']]}")
-    if not isinstance(calibration, dict) or not calibration:
+    if not isinstance(calibration, (dict, Dataset)):
         raise BadInputError(f"calibration must be a non-empty dict of input name -> N x ... array; inputs: {names}")
-    if set(calibration) != set(names):
-        raise BadInputError(f"calibration names {sorted(calibration)} do not match the model's inputs {names}")
-    arrays, fixed_batch = {}, None
-    for name, elem_type, dims in declared:
-        array = np.asarray(calibration[name])
-        dtype = onnx.helper.tensor_dtype_to_np_dtype(elem_type)
-        if array.dtype != dtype and not (np.issubdtype(array.dtype, np.floating) and np.issubdtype(dtype, np.floating)):
-            raise BadInputError(f"calibration '{name}' has dtype {array.dtype}, the model takes {dtype}")
-        if dims is not None:
-            fixed = [(axis, d) for axis, d in enumerate(dims) if isinstance(d, int) and d > 0 and axis > 0]
-            if array.ndim != len(dims) or any(array.shape[axis] != d for axis, d in fixed):
-                raise BadInputError(f"calibration '{name}' has shape {list(array.shape)}; the model takes "
-                                    f"{list(dims)} with the batch (N) first")
-            if isinstance(dims[0], int) and dims[0] > 0:
-                fixed_batch = dims[0]
-        if array.ndim == 0 or len(array) == 0:
-            raise BadInputError(f"calibration '{name}' holds no samples (shape {list(array.shape)})")
-        arrays[name] = np.ascontiguousarray(array, dtype=dtype)
-    counts = {len(array) for array in arrays.values()}
-    if len(counts) > 1:
-        raise BadInputError(f"calibration arrays hold different numbers of samples: {sorted(counts)}")
-    if fixed_batch and counts.pop() % fixed_batch:
-        raise BadInputError(f"the model fixes the batch dimension to {fixed_batch}; calibration N must be a "
-                            "multiple of it")
-    return arrays, fixed_batch or DEFAULT_CHUNK
+    return load_dataset(calibration, student, what="calibration")
 
 
 def _float_outputs(student: onnx.ModelProto, teacher: onnx.ModelProto) -> list[str]:
@@ -163,9 +140,10 @@ def _float_outputs(student: onnx.ModelProto, teacher: onnx.ModelProto) -> list[s
     return floats
 
 
-def _run_ort(session, inputs: dict[str, np.ndarray], outputs: list[str], chunk: int) -> dict[str, np.ndarray]:
+def _run_ort(session, inputs: dict[str, np.ndarray], outputs: list[str],
+             model: onnx.ModelProto) -> dict[str, np.ndarray]:
     try:
-        return dict(zip(outputs, run_batched(session, inputs, chunk, outputs)))
+        return dict(zip(outputs, run_batched(session, inputs, model, outputs=outputs)))
     except Exception as exc:  # ORT's error types are not part of its public API
         raise BadInputError(f"the model does not run in ONNX Runtime on the calibration inputs: "
                             f"{first_line(exc)}") from None

@@ -15,9 +15,9 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from onnxmerge.dataset import Dataset, iter_batched
 from onnxmerge.errors import BadInputError
 from onnxmerge.runner import make_session
-from onnxmerge.merging.data import Dataset
 
 FOLDED_BN_WARNING = (
     "the model has no BatchNormalization nodes (BN was folded into the convolutions at export), so its "
@@ -99,8 +99,9 @@ def _measure(model: onnx.ModelProto, level: list[onnx.NodeProto], calibration: D
         del model.graph.output[len(model.graph.output) - len(added):]
     names = [node.input[0] for node in level]
     moments = {name: _Moments() for name in names}
-    for feeds in calibration.batches(model, batch_size):
-        for name, value in zip(names, session.run(names, feeds)):
+    # Streamed batch by batch under the model's export batch rule; padding rows are dropped before counting.
+    for values in iter_batched(session, calibration, model, outputs=names, batch_size=batch_size):
+        for name, value in zip(names, values):
             if value.ndim < 2:
                 raise BadInputError(f"the input of BatchNormalization reading '{name}' has rank {value.ndim}")
             moments[name].update(value)
