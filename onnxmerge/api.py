@@ -11,15 +11,12 @@ from pathlib import Path
 
 import onnx
 
-from onnxmerge.canonical import canonicalize
 from onnxmerge.environment import default_cache_dir
 from onnxmerge.errors import BadInputError, VerificationError
-from onnxmerge.graph import external_data_dir
-from onnxmerge.io import (EXTERNAL_TENSOR_MIN_BYTES, ModelLike, external_data_files, io_signature, is_quantized,
-                          iter_tensors, load_model, load_small_external_data, staged_model)
+from onnxmerge.io import ModelLike, io_signature, iter_tensors, staged_model
 from onnxmerge.pass_framework import PassOptions
 from onnxmerge.pipeline import run_pipeline, select_passes
-from onnxmerge.runner import input_specs, parse_input_shapes
+from onnxmerge.prepared import InputShapes, prepare, preflight_output
 from onnxmerge.stats import model_stats
 from onnxmerge.verify import DEFAULT_ATOL, DEFAULT_CHECK_N, DEFAULT_RTOL, EquivalenceChecker
 from onnxmerge.version import __version__
@@ -52,13 +49,13 @@ def fold(
     check_n: int = DEFAULT_CHECK_N,
     rtol: float = DEFAULT_RTOL,
     atol: float = DEFAULT_ATOL,
-    input_shapes: dict[str, tuple[int, ...]] | list[str] | None = None,
+    input_shapes: InputShapes | None = None,
     seed: int = 0,
     noise_floor: bool = True,
     allow_costlier_merges: bool = False,
     force: bool = False,
     external_data: bool | None = None,
-    overwrite_input_shapes: dict[str, tuple[int, ...]] | list[str] | None = None,
+    overwrite_input_shapes: InputShapes | None = None,
     fold_size_limit_bytes: int = PassOptions.fold_size_limit_bytes,
 ) -> FoldResult:
     """Apply the exact passes to a fixed point, verify the result in ORT, and only then return/write it.
@@ -77,57 +74,33 @@ def fold(
     one ORT session at a time, so peak memory is about one session's copy of the weights.
     """
     pass_names = select_passes(only, skip)
-    if isinstance(input_shapes, list):
-        input_shapes = parse_input_shapes(input_shapes)
-    if isinstance(overwrite_input_shapes, list):
-        overwrite_input_shapes = parse_input_shapes(overwrite_input_shapes)
-    # Weights in external data stay on disk: passes read the few they rewrite, ORT reads the files.
-    loaded = load_model(model, load_external_data=False)
-    base_dir = loaded.path.parent if loaded.had_external_data else None
-    input_data_files = external_data_files(loaded.proto, base_dir) if base_dir is not None else set()
-    if base_dir is not None:
-        load_small_external_data(loaded.proto, base_dir, EXTERNAL_TENSOR_MIN_BYTES)
-    quantized = is_quantized(loaded.proto)
-    value_infos = len(loaded.proto.graph.value_info)
-    # A model read from a file is ours to canonicalize in place (a copy would copy every weight in memory);
-    # a quantized one is passed through as it was read.
-    canonical = canonicalize(loaded.proto, overwrite_input_shapes, in_place=loaded.path is not None and not quantized)
-    original = canonical.model
-    if loaded.path is not None and output is None:
-        output = loaded.path.with_name(loaded.path.stem + ".folded.onnx")
-    if output is not None and loaded.path is not None and Path(output).resolve() == loaded.path.resolve() and not force:
-        raise BadInputError(f"refusing to overwrite the input model {output}; pass --force (force=True) to allow it")
-    if external_data is None and loaded.had_external_data:
+    if fold_size_limit_bytes < 0:
+        raise BadInputError(f"fold_size_limit_bytes must be >= 0, got {fold_size_limit_bytes}")
+    prepared = prepare(model, input_shapes=input_shapes, overwrite_input_shapes=overwrite_input_shapes)
+    original, base_dir, reference_path = prepared.proto, prepared.base_dir, prepared.reference_path
+    if external_data is None and prepared.had_external_data:
         external_data = True
-    if output is not None and external_data is not False and not force:
-        data_file = (Path(output).parent / (Path(output).name + ".data")).resolve()
-        if data_file in input_data_files:
-            raise BadInputError(f"writing {output} would overwrite {data_file.name}, the input's external data; "
-                                "choose another output name or pass --force (force=True)")
-    # ORT can load the reference straight from the input file when canonicalization changed nothing in it.
-    reference_path = loaded.path if (base_dir is not None and not canonical.changed
-                                     and len(original.graph.value_info) == value_infos) else None
-    specs = input_specs(original, input_shapes)
-    shapes = {spec.name: spec.shape for spec in specs}
+    if prepared.path is not None and output is None:
+        output = prepared.path.with_name(prepared.path.stem + ".folded.onnx")
+    if output is not None:  # before any work: a bad output path fails in a second, not after the passes
+        output = preflight_output(output, prepared, force=force, external_data=external_data)
+    shapes = prepared.input_shapes
     report: dict = {
         "onnxmerge_version": __version__,
-        "input": str(loaded.path) if loaded.path else None,
+        "input": str(prepared.path) if prepared.path else None,
         "passes": pass_names,
         "warnings": [],
-        "canonicalization": canonical.notes,
-        "before": model_stats(loaded.proto, shapes),
+        "canonicalization": prepared.notes,
+        "before": model_stats(original, shapes),
     }
-
-    with external_data_dir(base_dir):
-        if quantized:
+    with prepared.weights():
+        if prepared.quantized:
             message = "quantized model (QLinear*/QuantizeLinear ops): passed through unchanged"
             warnings.warn(message, stacklevel=2)
             report["warnings"].append(message)
-            result_proto, verify = loaded.proto, None
+            result_proto, verify = prepared.proto, None
             report["verification"] = {"passed": True, "skipped": "model unchanged"}
         else:
-            if fold_size_limit_bytes < 0:
-                raise BadInputError(f"fold_size_limit_bytes must be >= 0, got {fold_size_limit_bytes}")
             options = PassOptions(allow_costlier_merges=allow_costlier_merges,
                                   fold_size_limit_bytes=fold_size_limit_bytes)
             run = run_pipeline(original, pass_names, options)
@@ -142,7 +115,7 @@ def fold(
 
             def verify(candidate) -> None:
                 checker = EquivalenceChecker(original, check_n=check_n, rtol=rtol, atol=atol,
-                                             input_shapes=input_shapes, seed=seed, noise_floor=noise_floor,
+                                             specs=prepared.specs, seed=seed, noise_floor=noise_floor,
                                              reference_path=reference_path, base_dir=base_dir)
                 verification = checker.check(candidate)
                 report["verification"] = verification.to_dict()
@@ -161,7 +134,7 @@ def fold(
             return FoldResult(model=result_proto, proto=result_proto, report=report)
         # What is verified is the file that will be published: written into a staging folder beside the
         # output, loaded by ORT from there, moved into place only when it passed (else removed).
-        with staged_model(result_proto, output, input_path=loaded.path, force=force, external_data=external_data,
+        with staged_model(result_proto, output, input_path=prepared.path, force=force, external_data=external_data,
                           base_dir=base_dir) as staged:
             if verify is not None:
                 verify(staged.path)

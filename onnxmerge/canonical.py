@@ -14,6 +14,9 @@ Real exporters disagree on small things that each pass would otherwise have to k
   fixes dims of the declared inputs, so shape arithmetic that reads them can fold. Without it, dynamic dims
   stay dynamic and only what is constant for every value of them folds.
 
+* **Unnamed or repeated node names** (common in hand-edited and converted graphs): every node gets a
+  unique name, so reports, refusals and compress plans can key nodes by name.
+
 Weights stored in ``Constant`` nodes and ``Identity`` chains are handled by the passes
 ``constant_to_initializer`` and ``eliminate_identity``; this module only touches declarations.
 """
@@ -33,13 +36,16 @@ _IR_INITIALIZERS_NOT_INPUTS = 4
 
 @dataclass
 class Canonicalization:
-    """The canonical model and a human-readable note for every change made to its declarations."""
+    """The canonical model, a human-readable note for every change made to its declarations, and how many
+    nodes were (re)named."""
 
     model: onnx.ModelProto
     notes: list[str] = field(default_factory=list)
+    renamed_nodes: int = 0
 
     @property
     def changed(self) -> bool:
+        """Whether ORT could see a difference (declarations); node names alone change nothing it computes."""
         return bool(self.notes)
 
 
@@ -61,7 +67,30 @@ def canonicalize(proto: onnx.ModelProto,
     notes += _symbolic_numeric_dims(model)
     if overwrite_input_shapes:
         notes += _overwrite_input_shapes(model, overwrite_input_shapes)
-    return Canonicalization(model, notes)
+    return Canonicalization(model, notes, renamed_nodes=_unique_node_names(model.graph))
+
+
+def _unique_node_names(graph: onnx.GraphProto) -> int:
+    """Give every node of the main graph a name, unique in the graph: unnamed nodes become ``<op>_<index>``
+    and later duplicates get a ``_<k>`` suffix. Reports, refusals and plans key nodes by name, and exporters
+    leave names empty or repeat them. Returns how many nodes were (re)named; named, unique nodes keep theirs."""
+    taken = {node.name for node in graph.node if node.name}
+    seen: set[str] = set()
+    renamed = 0
+    for index, node in enumerate(graph.node):
+        if node.name and node.name not in seen:
+            seen.add(node.name)
+            continue
+        base = node.name or f"{node.op_type}_{index}"
+        candidate, k = base, 0
+        while candidate in taken or candidate in seen:
+            k += 1
+            candidate = f"{base}_{k}"
+        node.name = candidate
+        seen.add(candidate)
+        taken.add(candidate)
+        renamed += 1
+    return renamed
 
 
 def graph_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:

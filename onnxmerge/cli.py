@@ -10,6 +10,9 @@ import warnings
 
 from rich.console import Console
 
+from onnxmerge.cli_options import (add_input_shape_option, add_json_option, add_output_option, add_runtime_options,
+                                   byte_size, input_shapes, output_path, runtime_settings, to_cli_terms)
+
 EXIT_OK, EXIT_VERIFICATION_FAILED, EXIT_BAD_INPUT, EXIT_INTERNAL = 0, 1, 2, 3
 # Feature packages that add subcommands: each module has register(commands), which adds its subparsers with
 # set_defaults(handler=fn), fn(args, console) -> exit code. Handlers import their API lazily.
@@ -22,6 +25,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _build_parser() -> argparse.ArgumentParser:
+    from onnxmerge.pass_framework import PassOptions
+    from onnxmerge.verify import DEFAULT_ATOL, DEFAULT_CHECK_N, DEFAULT_RTOL
     from onnxmerge.version import __version__
 
     parser = _Parser(prog="onnxmerge", description="Make exported ONNX models faster, verified in ONNX Runtime.")
@@ -31,19 +36,21 @@ def _build_parser() -> argparse.ArgumentParser:
     fold = commands.add_parser("fold", help="exact rewrites: fold BN/affine/Pad, merge convs, re-parameterise",
                                description="Apply exact rewrites to a fixed point; verify in ORT before writing.")
     fold.add_argument("input", nargs="?", help="input .onnx model")
-    fold.add_argument("output", nargs="?", help="output .onnx model")
-    fold.add_argument("--check-n", type=int, default=3, help="random input sets to verify with (default 3)")
-    fold.add_argument("--rtol", type=float, default=1e-4, help="relative tolerance (default 1e-4)")
-    fold.add_argument("--atol", type=float, default=1e-5, help="absolute tolerance (default 1e-5)")
+    add_output_option(fold, positional=True)
+    fold.add_argument("--check-n", type=int, default=DEFAULT_CHECK_N,
+                      help=f"random input sets to verify with (default {DEFAULT_CHECK_N})")
+    fold.add_argument("--rtol", type=float, default=DEFAULT_RTOL, help=f"relative tolerance (default {DEFAULT_RTOL})")
+    fold.add_argument("--atol", type=float, default=DEFAULT_ATOL, help=f"absolute tolerance (default {DEFAULT_ATOL})")
     fold.add_argument("--no-noise-floor", dest="noise_floor", action="store_false",
                       help="judge by rtol/atol alone, not also by the float noise ORT's own optimizer makes")
     fold.add_argument("--seed", type=int, default=0, help="seed of the random verification inputs")
-    fold.add_argument("--input-shape", action="extend", nargs="+", default=[], metavar="NAME:DIMS",
-                      help="shape for verification, e.g. input:1,3,224,224 (unknown dims default to 1)")
+    add_input_shape_option(fold, "shape for verification and statistics, e.g. input:1,3,224,224 (unknown dims "
+                                 "default to 1; dynamic dims stay dynamic in the output)")
     fold.add_argument("--overwrite-input-shape", action="extend", nargs="+", default=[], metavar="NAME:DIMS",
                       help="fix input dims in the written model, so shape arithmetic that reads them folds too")
-    fold.add_argument("--fold-size-limit", type=_byte_size, default=1 << 20, metavar="BYTES",
-                      help="largest tensor constant folding may store, e.g. 512K, 1M, 64M (default 1M)")
+    fold.add_argument("--fold-size-limit", type=byte_size, default=PassOptions.fold_size_limit_bytes,
+                      metavar="BYTES", help="largest tensor constant folding may store, e.g. 512K, 1M, 64M "
+                                            "(default 1M)")
     fold.add_argument("--skip", action="extend", nargs="+", default=[], metavar="PASS", help="passes to skip")
     fold.add_argument("--only", action="extend", nargs="+", default=[], metavar="PASS", help="run only these passes")
     fold.add_argument("--list-passes", action="store_true", help="list the passes and exit")
@@ -52,7 +59,7 @@ def _build_parser() -> argparse.ArgumentParser:
                       help="merge conv pairs even when the merged conv needs more MACs")
     fold.add_argument("--external-data", action="store_true",
                       help="store weights in OUTPUT.data (automatic above 2 GB or when the input did)")
-    fold.add_argument("--json", metavar="REPORT", help="write the full report as JSON")
+    add_json_option(fold)
     fold.add_argument("--force", action="store_true", help="allow OUTPUT to be the input file")
     fold.add_argument("--bench", action="store_true",
                       help="time original vs folded interleaved in ORT (as `onnxmerge compare`) and report the ratio")
@@ -79,17 +86,10 @@ def _build_parser() -> argparse.ArgumentParser:
 
 
 def _add_timing_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--provider", default="cpu", help="execution provider: cpu or cuda (default cpu)")
-    parser.add_argument("--threads", type=int, default=1, help="intra-op threads (default 1)")
-    parser.add_argument("--warmup", type=int, default=10, help="untimed runs first (default 10)")
-    parser.add_argument("--runs", type=int, default=50, help="timed runs (default 50)")
-    parser.add_argument("--input-shape", action="extend", nargs="+", default=[], metavar="NAME:DIMS",
-                        help="input shape, e.g. input:1,3,224,224 (unknown dims default to 1)")
-    parser.add_argument("--opt-level", default="all", choices=["all", "extended", "basic", "disable"],
-                        help="ORT graph optimization level (default all)")
-    parser.add_argument("--cuda-graph", action="store_true", help="capture and replay a CUDA graph (cuda only)")
+    add_runtime_options(parser)
+    add_input_shape_option(parser)
     parser.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
-    parser.add_argument("--json", metavar="REPORT", help="write the full report as JSON")
+    add_json_option(parser)
 
 
 def _list_passes(console: Console) -> None:
@@ -100,20 +100,6 @@ def _list_passes(console: Console) -> None:
         console.print(f"{name:26s} {PASSES[name].description}", highlight=False)
 
 
-def _byte_size(text: str) -> int:
-    """``1048576``, ``512K``, ``1M``, ``2G`` (binary multiples) -> bytes."""
-    units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
-    cleaned = text.strip().upper().removesuffix("IB").removesuffix("B")
-    number, unit = (cleaned[:-1], cleaned[-1]) if cleaned[-1:] in "KMG" and cleaned[-1:] else (cleaned, "")
-    try:
-        value = int(float(number) * units[unit])
-    except (ValueError, KeyError):
-        raise argparse.ArgumentTypeError(f"not a size: {text!r} (examples: 1048576, 512K, 1M)") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"a size cannot be negative: {text!r}")
-    return value
-
-
 def _run_fold(args: argparse.Namespace, console: Console) -> int:
     from onnxmerge.api import fold
     from onnxmerge.errors import BadInputError
@@ -122,15 +108,16 @@ def _run_fold(args: argparse.Namespace, console: Console) -> int:
     if args.list_passes:
         _list_passes(console)
         return EXIT_OK
-    if not args.input or not args.output:
+    output = output_path(args)
+    if not args.input or not output:
         raise BadInputError("fold needs INPUT and OUTPUT paths (or --list-passes)")
     with json_report_on_failure(args.json):
-        result = fold(args.input, args.output, only=args.only or None, skip=args.skip, check_n=args.check_n,
-                      rtol=args.rtol, atol=args.atol, input_shapes=args.input_shape, seed=args.seed,
+        result = fold(args.input, output, only=args.only or None, skip=args.skip, check_n=args.check_n,
+                      rtol=args.rtol, atol=args.atol, input_shapes=input_shapes(args), seed=args.seed,
                       noise_floor=args.noise_floor,
                       allow_costlier_merges=args.allow_costlier_merges, force=args.force,
                       external_data=True if args.external_data else None,
-                      overwrite_input_shapes=args.overwrite_input_shape or None,
+                      overwrite_input_shapes=input_shapes(args, "overwrite_input_shape"),
                       fold_size_limit_bytes=args.fold_size_limit)
     report = result.report
     console.print(fold_table(report))
@@ -143,7 +130,7 @@ def _run_fold(args: argparse.Namespace, console: Console) -> int:
     if args.bench:
         from onnxmerge.profiler import compare
 
-        report["bench"] = compare(args.input, report["output"], input_shapes=args.input_shape or None)
+        report["bench"] = compare(args.input, report["output"], input_shapes=input_shapes(args))
         console.print(speedup_line(report["bench"]), highlight=False)
     if args.json:
         write_json(report, args.json)
@@ -151,17 +138,12 @@ def _run_fold(args: argparse.Namespace, console: Console) -> int:
     return EXIT_OK
 
 
-def _timing_kwargs(args: argparse.Namespace) -> dict:
-    return {"provider": args.provider, "threads": args.threads, "warmup": args.warmup, "runs": args.runs,
-            "input_shapes": args.input_shape or None, "opt_level": args.opt_level, "cuda_graph": args.cuda_graph,
-            "seed": args.seed}
-
-
 def _run_profile(args: argparse.Namespace, console: Console) -> int:
     from onnxmerge.profiler import profile
     from onnxmerge.report import profile_tables, write_json
 
-    report = profile(args.model, per_node=args.per_node, trace=args.trace, **_timing_kwargs(args))
+    report = profile(args.model, runtime_settings(args), input_shapes=input_shapes(args), seed=args.seed,
+                     per_node=args.per_node, trace=args.trace)
     for table in profile_tables(report, top=args.top):
         console.print(table)
     for note in report["assumptions"]:
@@ -175,7 +157,8 @@ def _run_compare(args: argparse.Namespace, console: Console) -> int:
     from onnxmerge.profiler import compare
     from onnxmerge.report import compare_table, speedup_line, write_json
 
-    report = compare(args.model_a, args.model_b, **_timing_kwargs(args))
+    report = compare(args.model_a, args.model_b, runtime_settings(args), input_shapes=input_shapes(args),
+                     seed=args.seed)
     console.print(compare_table(report))
     console.print(speedup_line(report), highlight=False)
     for note in report["assumptions"]:
@@ -202,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
             warnings.simplefilter("ignore")  # the report carries the warnings that matter
             return args.handler(args, console)
     except OnnxMergeError as error:
-        errors.print(f"onnxmerge: error: {error}", highlight=False, markup=False, soft_wrap=True)
+        errors.print(f"onnxmerge: error: {to_cli_terms(str(error))}", highlight=False, markup=False, soft_wrap=True)
         return error.exit_code
     except KeyboardInterrupt:
         return 130

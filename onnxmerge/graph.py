@@ -11,7 +11,6 @@ import contextlib
 import contextvars
 import hashlib
 import os
-import tempfile
 from pathlib import Path
 from typing import Iterator
 
@@ -21,7 +20,7 @@ import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.ir.tensor import LazyValues, SparseValues
 
 from onnxmerge.conv_algebra import ConvParams
-from onnxmerge.io import (EXTERNAL_DATA_THRESHOLD_BYTES, EXTERNAL_TENSOR_MIN_BYTES, STRIPPED_LOCATION,
+from onnxmerge.io import (EXTERNAL_DATA_THRESHOLD_BYTES, temporary_model_file, EXTERNAL_TENSOR_MIN_BYTES, STRIPPED_LOCATION,
                           array_bytes, iter_tensor_chunks, light_copy, read_tensor, tensor_bytes)
 
 _PASS_THROUGH_OPS = ("Identity",)
@@ -235,17 +234,6 @@ def _constant_node_value(node: gs.Node) -> np.ndarray | None:
     return None
 
 
-def clip_bounds(node: gs.Node) -> tuple[float, float] | None:
-    """(min, max) of a Clip, from its inputs (opset >= 11) or attributes (older opsets)."""
-    if len(node.inputs) > 1:
-        bounds = [constant_value(t) if t.name else None for t in node.inputs[1:3]]
-    else:
-        bounds = [node.attrs.get("min"), node.attrs.get("max")]
-    if len(bounds) != 2 or any(b is None or np.size(b) != 1 for b in bounds):
-        return None
-    return float(np.asarray(bounds[0]).reshape(())), float(np.asarray(bounds[1]).reshape(()))
-
-
 def static_shape(tensor: gs.Tensor) -> tuple[int, ...] | None:
     """The tensor's shape if every dimension is a known integer."""
     if isinstance(tensor, gs.Constant):
@@ -388,10 +376,8 @@ def run_shape_inference(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def _infer_shapes_via_file(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Inference through a temporary file; ``model`` (a light copy the caller owns) gets external data."""
-    with tempfile.TemporaryDirectory() as folder:
-        path = Path(folder) / "model.onnx"
-        onnx.save_model(model, str(path), save_as_external_data=True, location="model.onnx.data")
+    """Inference through a temporary file (``model`` is a light copy: its large tensors are stand-ins)."""
+    with temporary_model_file(model) as path:
         onnx.shape_inference.infer_shapes_path(str(path), str(path))
         return onnx.load(str(path), load_external_data=False)
 

@@ -460,6 +460,8 @@ def _write_with_external_data(proto: onnx.ModelProto, staged: Path, data_name: s
     offset, externalized = 0, 0
     with open(staged.parent / data_name, "wb", buffering=0) as data:
         for source, target in zip(iter_tensors(proto.graph), iter_tensors(written.graph)):
+            if is_stripped(source):  # a light copy's stand-in stays one (only shapes are read from such files)
+                continue
             if _uses_external_data(source):
                 if base_dir is None:
                     raise BadInputError(f"tensor '{source.name}' is stored in external data and the model's "
@@ -542,6 +544,16 @@ def save_model(
     with staged_model(proto, path, input_path=input_path, force=force, external_data=external_data,
                       external_threshold_bytes=external_threshold_bytes, base_dir=base_dir) as staged:
         return staged.publish()
+
+
+@contextlib.contextmanager
+def temporary_model_file(proto: onnx.ModelProto, base_dir: str | os.PathLike | None = None,
+                         prefix: str = "onnxmerge-") -> Iterator[Path]:
+    """The one temporary copy of a model on disk, for tools that need a file (ORT beyond 2 GB, ONNX shape
+    inference by path): written with external data (tensors ``proto`` keeps external are read from
+    ``base_dir``), removed when the block ends."""
+    with tempfile.TemporaryDirectory(prefix=prefix) as folder:
+        yield save_model(proto, Path(folder) / "model.onnx", external_data=True, base_dir=base_dir)
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import os
-import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +11,7 @@ import onnx
 
 from onnxmerge.canonical import is_dynamic_dim
 from onnxmerge.errors import BadInputError
-from onnxmerge.io import EXTERNAL_DATA_THRESHOLD_BYTES, tensor_bytes
+from onnxmerge.io import EXTERNAL_DATA_THRESHOLD_BYTES, iter_tensors, temporary_model_file, tensor_bytes
 from onnxmerge.ort import ort
 
 OPT_LEVELS = {
@@ -51,6 +50,43 @@ def provider_list(provider: str = "cpu", *, cuda_graph: bool = False) -> list:
     return [("CUDAExecutionProvider", options), "CPUExecutionProvider"]
 
 
+@dataclass(frozen=True)
+class RuntimeSettings:
+    """How ORT runs a model for timing: one frozen, hashable value passed whole from the CLI down to the
+    timing loop and the latency cache (whose key derives from :meth:`cache_fields`)."""
+
+    provider: str = "cpu"
+    threads: int = 1
+    opt_level: str = "all"
+    cuda_graph: bool = False
+    warmup: int = 10
+    runs: int = 50
+
+    def __post_init__(self) -> None:
+        check_timing_options(self.runs, self.threads, self.opt_level, self.warmup)
+        if self.provider not in PROVIDERS:
+            provider_list(self.provider)  # raises, naming the providers this ORT build offers
+        if self.cuda_graph and self.provider != "cuda":
+            raise BadInputError("cuda_graph needs provider='cuda'")
+
+    def with_overrides(self, **overrides) -> "RuntimeSettings":
+        """A copy with some fields changed (unknown names are refused with the list of known ones)."""
+        unknown = sorted(set(overrides) - set(self.__dataclass_fields__))
+        if unknown:
+            raise BadInputError(f"unknown runtime setting(s) {unknown}; known: {sorted(self.__dataclass_fields__)}")
+        return replace(self, **overrides) if overrides else self
+
+    def cache_fields(self) -> dict:
+        """What changes a measured latency (not how many times it is sampled): the latency cache's key."""
+        return {"provider": self.provider, "threads": self.threads, "opt_level": self.opt_level,
+                "cuda_graph": self.cuda_graph}
+
+    def session(self, model, *, base_dir=None) -> "ort.InferenceSession":
+        """An ORT session over ``model`` with these settings."""
+        return make_session(model, opt_level=self.opt_level, threads=self.threads, provider=self.provider,
+                            cuda_graph=self.cuda_graph, base_dir=base_dir)
+
+
 def check_timing_options(runs: int, threads: int, opt_level: str, warmup: int = 0) -> None:
     """The settings every timed or profiled run shares, refused with one line when unusable."""
     if warmup < 0 or runs < 1:
@@ -63,15 +99,17 @@ def check_timing_options(runs: int, threads: int, opt_level: str, warmup: int = 
 
 def make_session(model: onnx.ModelProto | str | os.PathLike, *, opt_level: str = "all", threads: int = 1,
                  provider: str = "cpu", cuda_graph: bool = False,
-                 options: "ort.SessionOptions | None" = None) -> "ort.InferenceSession":
-    """An ORT session over a path or an in-memory model (large models go through a temporary file).
+                 options: "ort.SessionOptions | None" = None,
+                 base_dir: str | os.PathLike | None = None) -> "ort.InferenceSession":
+    """An ORT session over a path or an in-memory model (large models go through a temporary file); an
+    in-memory model whose large tensors stayed in external data reads them from ``base_dir``.
 
     Asking for CUDA where it cannot load is an error here, not ORT's silent fall-back to the CPU: what
     the session really uses is read back with ``get_providers()``.
     """
     options = options or session_options(opt_level, threads)
     providers = provider_list(provider, cuda_graph=cuda_graph)
-    session = _create_session(model, options, providers)
+    session = _create_session(model, options, providers, base_dir)
     wanted = PROVIDERS[provider]
     if session.get_providers()[0] != wanted:
         raise BadInputError(f"{wanted} was requested but could not be loaded (session uses "
@@ -79,16 +117,26 @@ def make_session(model: onnx.ModelProto | str | os.PathLike, *, opt_level: str =
     return session
 
 
-def _create_session(model, options, providers) -> "ort.InferenceSession":
+_EXTERNAL_FOLDER_KEY = "session.model_external_initializers_file_folder_path"
+_DISABLE_PREPACKING_KEY = "session.disable_prepacking"
+
+
+def _create_session(model, options, providers, base_dir=None) -> "ort.InferenceSession":
+    """A session over a path; over a ModelProto as bytes, with its external tensors (if any) read from
+    ``base_dir``; through the one temporary model file when the proto is too large to serialise."""
     if not isinstance(model, onnx.ModelProto):
         return ort.InferenceSession(str(model), options, providers=providers)
+    external = base_dir is not None and any(t.data_location == onnx.TensorProto.EXTERNAL
+                                            for t in iter_tensors(model.graph))
+    if external:
+        # Weights in external data: ORT maps them from their file. Pre-packing them would take a second copy
+        # of every weight.
+        options.add_session_config_entry(_DISABLE_PREPACKING_KEY, "1")
     if tensor_bytes(model) < EXTERNAL_DATA_THRESHOLD_BYTES:
+        if external:
+            options.add_session_config_entry(_EXTERNAL_FOLDER_KEY, str(Path(base_dir).resolve()))
         return ort.InferenceSession(model.SerializeToString(), options, providers=providers)
-    with tempfile.TemporaryDirectory() as folder:
-        path = Path(folder) / "model.onnx"
-        copy = onnx.ModelProto()
-        copy.CopyFrom(model)
-        onnx.save_model(copy, str(path), save_as_external_data=True, location="model.onnx.data")
+    with temporary_model_file(model, base_dir) as path:
         return ort.InferenceSession(str(path), options, providers=providers)
 
 
@@ -117,30 +165,6 @@ def bound_runner(session: "ort.InferenceSession", feeds: dict[str, np.ndarray], 
 
 _ORT_TYPE_TO_NUMPY = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
                       "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(bool)": np.bool_}
-
-
-DEFAULT_CHUNK = 256
-
-
-def batch_chunk(model: onnx.ModelProto) -> int:
-    """Rows per ORT call: a model exported with a fixed batch (often 1) only accepts that many at once."""
-    initializer_names = {t.name for t in model.graph.initializer}
-    for value in model.graph.input:
-        if value.name in initializer_names:
-            continue
-        dims = value.type.tensor_type.shape.dim
-        if dims and dims[0].HasField("dim_value") and dims[0].dim_value > 0:
-            return dims[0].dim_value
-    return DEFAULT_CHUNK
-
-
-def run_batched(session: "ort.InferenceSession", feeds: dict[str, np.ndarray], chunk: int,
-                outputs: list[str] | None = None) -> list[np.ndarray]:
-    """``session.run`` over many rows, ``chunk`` rows per call, outputs concatenated along axis 0."""
-    count = len(next(iter(feeds.values())))
-    parts = [session.run(outputs, {name: array[i:i + chunk] for name, array in feeds.items()})
-             for i in range(0, count, chunk)]
-    return [np.concatenate([part[k] for part in parts]) for k in range(len(parts[0]))]
 
 
 def parse_input_shapes(specs: list[str] | None) -> dict[str | None, tuple[int, ...]]:

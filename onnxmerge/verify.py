@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -11,12 +10,9 @@ import numpy as np
 import onnx
 
 from onnxmerge.errors import BadInputError, first_line
-from onnxmerge.io import EXTERNAL_DATA_THRESHOLD_BYTES, iter_tensors, save_model, tensor_bytes
 from onnxmerge.runner import input_specs, make_session, random_inputs, session_options
 
 # ORT session option: the folder external data is read from when the model is given as bytes.
-_EXTERNAL_FOLDER_KEY = "session.model_external_initializers_file_folder_path"
-_DISABLE_PREPACKING_KEY = "session.disable_prepacking"
 
 DEFAULT_RTOL = 1e-4
 DEFAULT_ATOL = 1e-5
@@ -78,12 +74,14 @@ class EquivalenceChecker:
     def __init__(self, reference: onnx.ModelProto, *, check_n: int = DEFAULT_CHECK_N, rtol: float = DEFAULT_RTOL,
                  atol: float = DEFAULT_ATOL, input_shapes: dict | None = None, seed: int = 0,
                  noise_floor: bool = True, reference_path: str | os.PathLike | None = None,
-                 base_dir: str | os.PathLike | None = None):
+                 base_dir: str | os.PathLike | None = None, specs=None):
+        """``specs`` (input specs a caller already resolved, e.g. ``PreparedModel.specs``) wins over
+        ``input_shapes``."""
         if check_n < 1:
             raise BadInputError("check_n must be at least 1")
         self.check_n, self.rtol, self.atol, self.seed, self.noise_floor = check_n, rtol, atol, seed, noise_floor
         self.base_dir = Path(base_dir) if base_dir is not None else None
-        self.specs = input_specs(reference, input_shapes)
+        self.specs = list(specs) if specs is not None else input_specs(reference, input_shapes)
         source = reference_path if reference_path is not None else reference
         session = self._session(source, "disable")
         self.output_names = [o.name for o in session.get_outputs()]
@@ -106,20 +104,7 @@ class EquivalenceChecker:
 
     def _session(self, model: onnx.ModelProto | str | os.PathLike, opt_level: str):
         """An ORT session over a path, or a ModelProto whose external tensors (if any) live in ``base_dir``."""
-        options = session_options(opt_level)
-        if self.base_dir is None:
-            return make_session(model, options=options)
-        # Weights in external data: ORT maps them from their file. Pre-packing them for faster GEMMs would
-        # take a second copy of every weight and most of the time, for the few runs verification makes.
-        options.add_session_config_entry(_DISABLE_PREPACKING_KEY, "1")
-        if isinstance(model, onnx.ModelProto) and \
-                any(t.data_location == onnx.TensorProto.EXTERNAL for t in iter_tensors(model.graph)):
-            if tensor_bytes(model) >= EXTERNAL_DATA_THRESHOLD_BYTES:  # too much in memory to pass as bytes
-                with tempfile.TemporaryDirectory() as folder:
-                    path = save_model(model, Path(folder) / "model.onnx", external_data=True, base_dir=self.base_dir)
-                    return make_session(path, options=options)
-            options.add_session_config_entry(_EXTERNAL_FOLDER_KEY, str(self.base_dir.resolve()))
-        return make_session(model, options=options)
+        return make_session(model, options=session_options(opt_level), base_dir=self.base_dir)
 
     def _shapes(self) -> dict[str, list[int]]:
         return {spec.name: list(spec.shape) for spec in self.specs}

@@ -53,12 +53,12 @@ def test_dynamic_batch_and_io_signature_preserved():
 
 def test_input_shape_option_is_used_and_checked():
     model = _bn_model()
-    result = onnxmerge.fold(model, input_shapes=["x:2,3,8,8"])
+    result = onnxmerge.fold(model, input_shapes={"x": (2, 3, 8, 8)})
     assert result.report["verification"]["input_shapes"] == {"x": [2, 3, 8, 8]}
     with pytest.raises(BadInputError, match="fixes it to 3"):
-        onnxmerge.fold(model, input_shapes=["x:1,4,8,8"])
+        onnxmerge.fold(model, input_shapes={"x": (1, 4, 8, 8)})
     with pytest.raises(BadInputError, match="unknown input"):
-        onnxmerge.fold(model, input_shapes=["y:1,3,8,8"])
+        onnxmerge.fold(model, input_shapes={"y": (1, 3, 8, 8)})
 
 
 def test_failed_verification_names_the_first_failing_pass_and_writes_nothing(tmp_path):

@@ -25,7 +25,7 @@ def _conv_bn(batch_dim, ir_version=8, opset=17):
 @pytest.mark.parametrize("written", [-1, 0])
 def test_numeric_dynamic_dims_are_dynamic(written):
     model = _conv_bn(written)
-    result = onnxmerge.fold(model, input_shapes=["x:2,3,8,8"])  # used to be refused: "the model fixes it to -1"
+    result = onnxmerge.fold(model, input_shapes={"x": (2, 3, 8, 8)})  # used to be refused: "the model fixes it to -1"
     assert result.verified and result.report["verification"]["input_shapes"] == {"x": [2, 3, 8, 8]}
     assert op_types(result.proto) == ["Conv"]
     dim = result.proto.graph.input[0].type.tensor_type.shape.dim[0]

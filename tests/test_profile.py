@@ -56,14 +56,14 @@ def test_dynamic_dims_default_to_one_and_are_said(tmp_path):
     report = profile(path, runs=3, warmup=1)
     assert report["environment"]["input_shapes"]["x"][0] == 1
     assert any("N" in note for note in report["assumptions"])
-    with_shape = profile(path, runs=3, warmup=1, input_shapes=["x:4,3,16,16"])
+    with_shape = profile(path, runs=3, warmup=1, input_shapes={"x": (4, 3, 16, 16)})
     assert with_shape["environment"]["input_shapes"]["x"] == [4, 3, 16, 16]
 
 
 @pytest.mark.parametrize("kwargs,match", [
     ({"provider": "tpu"}, "unknown provider 'tpu'; available here: cpu"),
-    ({"input_shapes": ["x:1,3,16"]}, "rank"),
-    ({"input_shapes": ["x:1,4,16,16"]}, "fixes it to 3"),
+    ({"input_shapes": {"x": (1, 3, 16)}}, "rank"),
+    ({"input_shapes": {"x": (1, 4, 16, 16)}}, "fixes it to 3"),
     ({"runs": 0}, "runs >= 1"),
     ({"threads": 0}, "threads must be >= 1"),
     ({"opt_level": "max"}, "unknown opt level"),
