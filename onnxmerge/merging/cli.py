@@ -7,6 +7,8 @@ import argparse
 from rich.console import Console
 from rich.table import Table
 
+from onnxmerge.cli_options import add_input_shape_option, add_json_option, input_shapes
+
 EXIT_OK = 0
 
 
@@ -42,7 +44,7 @@ def register(commands) -> None:
                       "(models trained independently, not fine-tunes of one base)")
     soup.add_argument("--external-data", action="store_true", help="store weights in OUTPUT.data (automatic above "
                       "2 GB or when an input did)")
-    soup.add_argument("--json", metavar="REPORT", help="write the full report as JSON")
+    add_json_option(soup)
     soup.add_argument("--force", action="store_true", help="allow OUTPUT to be one of the inputs")
     soup.set_defaults(handler=run_soup)
 
@@ -56,10 +58,9 @@ def register(commands) -> None:
     align.add_argument("--seed", type=int, default=0, help="seed of the sweep order and verification inputs")
     align.add_argument("--max-sweeps", type=int, default=100, help="cap on weight-matching sweeps (default 100)")
     align.add_argument("--check-n", type=int, default=3, help="random input sets to verify with (default 3)")
-    align.add_argument("--input-shape", action="extend", nargs="+", default=[], metavar="NAME:DIMS",
-                       help="shape for verification, e.g. input:1,3,224,224 (unknown dims default to 1)")
+    add_input_shape_option(align, "shape for verification, e.g. input:1,3,224,224 (unknown dims default to 1)")
     align.add_argument("--external-data", action="store_true", help="store weights in OUTPUT.data")
-    align.add_argument("--json", metavar="REPORT", help="write the full report as JSON")
+    add_json_option(align)
     align.add_argument("--force", action="store_true", help="allow OUTPUT to be one of the inputs")
     align.set_defaults(handler=run_align)
 
@@ -99,7 +100,7 @@ def run_align(args: argparse.Namespace, console: Console) -> int:
 
     with json_report_on_failure(args.json):
         result = align(args.reference, args.model, args.output, seed=args.seed, max_sweeps=args.max_sweeps,
-                       check_n=args.check_n, input_shapes=args.input_shape or None, force=args.force,
+                       check_n=args.check_n, input_shapes=input_shapes(args), force=args.force,
                        external_data=True if args.external_data else None)
     report = result.report
     console.print(f"{report['groups']} permutation group(s), {report['moved_channels']} of {report['channels']} "

@@ -13,7 +13,7 @@ from collections import Counter
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterator, Mapping, Sequence
 
 import numpy as np
 import onnx
@@ -21,7 +21,6 @@ from onnx import numpy_helper
 
 from onnxmerge.errors import BadInputError, VerificationError, first_line
 from onnxmerge.io import ModelLike, save_model
-from onnxmerge.runner import parse_input_shapes
 from onnxmerge.merging.bn_reset import reset_batchnorm
 from onnxmerge.merging.compat import ModelStructure, TensorSlot, check_sources, model_structure
 from onnxmerge.merging.data import DataLike, ModelScore, Scorer, load_dataset, make_scorer
@@ -314,7 +313,7 @@ def align(
     seed: int = 0,
     max_sweeps: int = DEFAULT_MAX_SWEEPS,
     check_n: int = 3,
-    input_shapes: dict[str, tuple[int, ...]] | list[str] | None = None,
+    input_shapes: Mapping[str, Sequence[int]] | None = None,
     force: bool = False,
     external_data: bool | None = None,
 ) -> AlignResult:
@@ -324,8 +323,6 @@ def align(
     VerificationError otherwise, nothing written); only the order of its hidden units changes, so that
     averaging it with ``reference`` averages matching units.
     """
-    if isinstance(input_shapes, list):
-        input_shapes = parse_input_shapes(input_shapes)
     if output is not None:
         _refuse_overwriting_inputs(output, [reference, model], force)
     with ExitStack() as stack:
