@@ -107,7 +107,7 @@ def fold(
             result_proto = run.model
             report["rewrites"] = run.rewrites_per_pass()
             report["rounds"], report["converged"] = run.rounds, run.converged
-            report["refusals"] = run.refusals
+            report["refusals"] = run.refusals_dict()
             if not run.converged:
                 report["warnings"].append(f"pipeline did not reach a fixed point in {run.rounds} rounds")
             n_steps = len(run.steps)

@@ -22,6 +22,7 @@ from onnx_graphsurgeon.ir.tensor import LazyValues, SparseValues
 from onnxmerge.conv_algebra import ConvParams
 from onnxmerge.io import (EXTERNAL_DATA_THRESHOLD_BYTES, temporary_model_file, EXTERNAL_TENSOR_MIN_BYTES, STRIPPED_LOCATION,
                           array_bytes, iter_tensor_chunks, light_copy, read_tensor, tensor_bytes)
+from onnxmerge.refusal import Refused
 
 _PASS_THROUGH_OPS = ("Identity",)
 
@@ -259,21 +260,25 @@ def add_constant(graph: gs.Graph, hint: str, values: np.ndarray) -> gs.Constant:
     return gs.Constant(unique_name(graph, hint), np.ascontiguousarray(values))
 
 
-def conv_params(node: gs.Node) -> ConvParams | str:
-    """A Conv node's parameters as plain arrays, or the reason they cannot be read."""
+def read_conv_params(node: gs.Node) -> ConvParams:
+    """A Conv node's parameters as plain arrays; raises :class:`Refused` (naming the node) when they cannot
+    be read."""
+    def refuse(reason: str) -> Refused:
+        return Refused(reason, [node.name])
+
     if node.op != "Conv":
-        return f"{node.op} is not a Conv"
+        raise refuse(f"{node.op} is not a Conv")
     weight = constant_value(node.inputs[1]) if len(node.inputs) > 1 else None
     if weight is None:
-        return "its weight is not a constant"
+        raise refuse("its weight is not a constant")
     bias = None
     if len(node.inputs) > 2 and not _is_omitted(node.inputs[2]):
         bias = constant_value(node.inputs[2])
         if bias is None:
-            return "its bias is not a constant"
+            raise refuse("its bias is not a constant")
     auto_pad = node.attrs.get("auto_pad", "NOTSET")
     if auto_pad not in ("NOTSET", "VALID"):
-        return f"auto_pad={auto_pad} (explicit_pads turns it into pads when shapes are known)"
+        raise refuse(f"auto_pad={auto_pad} (explicit_pads turns it into pads when shapes are known)")
     rank = weight.ndim - 2
     pads = node.attrs.get("pads") if auto_pad == "NOTSET" else None
     try:
@@ -285,7 +290,18 @@ def conv_params(node: gs.Node) -> ConvParams | str:
             groups=node.attrs.get("group", 1),
         )
     except ValueError as exc:
-        return str(exc)
+        raise refuse(str(exc)) from exc
+
+
+def conv_params(node: gs.Node) -> ConvParams | str:
+    """A Conv node's parameters, or the reason they cannot be read (:func:`read_conv_params`'s).
+
+    transitional: for layermerge/latency_table until they raise too.
+    """
+    try:
+        return read_conv_params(node)
+    except Refused as refused:
+        return refused.reason
 
 
 def _is_omitted(tensor: gs.Tensor) -> bool:
@@ -390,11 +406,12 @@ def known_dims(tensor: gs.Tensor) -> list[int | None] | None:
     return [int(d) if isinstance(d, (int, np.integer)) and d >= 0 else None for d in shape]
 
 
-def ints_param(node: gs.Node, attr: str, index: int) -> list[int] | None | str:
+def ints_param(node: gs.Node, attr: str, index: int) -> list[int] | None:
     """An int-list parameter that moved from an attribute (older opsets) to input ``index`` (newer ones).
 
-    Returns the values, None when the node omits the parameter, or the reason it cannot be read (an input
-    that is not a constant) -- e.g. Squeeze/Unsqueeze ``axes`` (input from opset 13), Slice ``starts`` (10).
+    Returns the values, or None when the node omits the parameter; raises :class:`Refused` (naming the node)
+    when it cannot be read (an input that is not a constant) -- e.g. Squeeze/Unsqueeze ``axes`` (input from
+    opset 13), Slice ``starts`` (10).
     """
     if attr in node.attrs:
         return [int(v) for v in np.asarray(node.attrs[attr]).ravel()]
@@ -402,48 +419,49 @@ def ints_param(node: gs.Node, attr: str, index: int) -> list[int] | None | str:
         return None
     value = constant_value(node.inputs[index])
     if value is None:
-        return f"its {attr} input is not a constant"
+        raise Refused(f"its {attr} input is not a constant", [node.name])
     return [int(v) for v in np.asarray(value).ravel()]
 
 
-def bypass_refusal(graph: gs.Graph, source: gs.Tensor, target: gs.Tensor) -> str | None:
-    """Why a node whose output ``target`` always equals ``source`` cannot be removed, or None if it can.
+def check_bypass(graph: gs.Graph, source: gs.Tensor, target: gs.Tensor) -> None:
+    """Raise :class:`Refused` when a node whose output ``target`` always equals ``source`` cannot be removed.
 
     Removing such a node is a rename of ``target`` to ``source``, except when ``target`` is a graph output:
     its name is part of the model's contract, so the producer of ``source`` must write ``target`` instead,
     which needs a producing node that is not a Constant and a ``source`` that is not a graph output itself.
+    The refusal names the producer of ``source`` when there is one.
     """
     if not is_graph_output(graph, target):
-        return None
+        return
     source_producer = producer(source)
     if source_producer is None or source_producer.op == "Constant":
-        return "it links a graph input or constant to a graph output; kept to preserve the output name"
+        raise Refused("it links a graph input or constant to a graph output; kept to preserve the output name",
+                      [source_producer.name] if source_producer is not None else [])
     if is_graph_output(graph, source):
-        return "both its input and output are graph outputs"
-    return None
+        raise Refused("both its input and output are graph outputs", [source_producer.name])
 
 
-def bypass(graph: gs.Graph, node: gs.Node, source: gs.Tensor, target: gs.Tensor) -> str | None:
+def bypass(graph: gs.Graph, node: gs.Node, source: gs.Tensor, target: gs.Tensor) -> None:
     """Remove ``node``, whose output ``target`` always equals ``source`` (same values, dtype and shape).
 
     ``source`` need not be an input of ``node`` (e.g. the input of an inverse pair's first node). Readers of
     ``target`` read ``source``; when ``target`` is a graph output, the producer of ``source`` writes
-    ``target`` instead, so the output keeps its name. Returns :func:`bypass_refusal`'s reason, changing
-    nothing, when neither is possible.
+    ``target`` instead, so the output keeps its name. Raises :func:`check_bypass`'s :class:`Refused` (with
+    ``node`` named first), changing nothing, when neither is possible.
     """
-    reason = bypass_refusal(graph, source, target)
-    if reason is not None:
-        return reason
+    try:
+        check_bypass(graph, source, target)
+    except Refused as refused:
+        raise Refused(refused.reason, [node.name, *refused.nodes]) from None
     if not is_graph_output(graph, target):
         replace_uses(target, source)
         detach(node)
-        return None
+        return
     source_producer = producer(source)
     detach(node)
     replace_uses(source, target)
     index = next(i for i, t in enumerate(source_producer.outputs) if t is source)
     source_producer.outputs[index] = target
-    return None
 
 
 def is_omitted(tensor: gs.Tensor) -> bool:

@@ -1,8 +1,10 @@
 """What a graph pass is: a named, described rewrite that reports whether it changed the graph and why not.
 
 Modelled on onnx-ir's pass infrastructure and onnxscript's rewrite rules: a pass declares what it
-``requires`` (the pipeline provides it), returns a :class:`PassResult`, and records a human-readable
-reason for every candidate node it left alone, so ``--explain`` can answer "why didn't this fold?".
+``requires`` (the pipeline provides it), returns a :class:`PassResult`, and records a :class:`Refusal`
+(a human-readable reason) for every candidate node it left alone, so ``--explain`` can answer "why didn't
+this fold?". Rewrites and the helpers they call refuse by raising :class:`Refused` (see
+:mod:`onnxmerge.refusal`, re-exported here).
 """
 
 from __future__ import annotations
@@ -16,6 +18,10 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from onnxmerge.graph import infer_shapes
+from onnxmerge.refusal import Refusal, Refused
+
+__all__ = ["SHAPES", "GraphPass", "NodeRewritePass", "PASSES", "PassContext", "PassOptions", "PassResult",
+           "Refusal", "Refused", "register_pass"]
 
 SHAPES = "shapes"
 _SNAKE_CASE = re.compile(r"^[a-z][a-z0-9]*(_[a-z0-9]+)*$")
@@ -48,7 +54,8 @@ class PassContext:
 class PassResult:
     modified: bool
     rewrites: int = 0
-    refusals: dict[str, str] = field(default_factory=dict)
+    # One record per refused candidate, in the order the pass met them (a node may appear more than once).
+    refusals: list[Refusal] = field(default_factory=list)
 
 
 class GraphPass(ABC):
@@ -69,15 +76,17 @@ class GraphPass(ABC):
 class NodeRewritePass(GraphPass):
     """A pass that looks at each node of some op types and either rewrites around it or says why not.
 
-    ``rewrite`` returns None when it changed the graph, else the reason it refused. Nodes detached by an
-    earlier rewrite in the same sweep are skipped.
+    ``rewrite`` returns None when it changed the graph and raises :class:`Refused` (before changing
+    anything) when it cannot; each refusal becomes one :class:`Refusal` of the candidate node, labelled by
+    its position in the graph when it has no name. Nodes detached by an earlier rewrite in the same sweep
+    are skipped.
     """
 
     op_types: ClassVar[tuple[str, ...]]
 
     @abstractmethod
-    def rewrite(self, graph: gs.Graph, node: gs.Node, ctx: PassContext) -> str | None:
-        """Rewrite around ``node`` or return why it cannot."""
+    def rewrite(self, graph: gs.Graph, node: gs.Node, ctx: PassContext) -> None:
+        """Rewrite around ``node``, or raise :class:`Refused` saying why it cannot."""
 
     def matches(self, node: gs.Node) -> bool:
         """Whether ``node`` (already of one of ``op_types``) is a candidate at all; non-candidates are
@@ -86,14 +95,18 @@ class NodeRewritePass(GraphPass):
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         result = PassResult(modified=False)
-        for node in list(graph.nodes):
+        for index, node in enumerate(list(graph.nodes)):
             if node.op not in self.op_types or not node.outputs or not self.matches(node):
                 continue
-            reason = self.rewrite(graph, node, ctx)
-            if reason is None:
-                result.rewrites += 1
-            else:
-                result.refusals[node.name or f"<unnamed {node.op}>"] = reason
+            try:
+                returned = self.rewrite(graph, node, ctx)
+            except Refused as refused:
+                result.refusals.append(Refusal.of(self.name, node, refused, index))
+                continue
+            if returned is not None:
+                raise TypeError(f"pass {self.name!r}: rewrite() returned {returned!r}; it must return None when it "
+                                "rewrote and raise Refused(reason) when it did not")
+            result.rewrites += 1
         result.modified = result.rewrites > 0
         if result.modified:
             graph.cleanup(remove_unused_graph_inputs=False)

@@ -9,7 +9,7 @@ import onnx
 from onnxmerge.errors import BadInputError
 from onnxmerge.graph import export_graph, import_graph
 from onnxmerge.io import clamp_ir_version
-from onnxmerge.pass_framework import PASSES, PassContext, PassOptions
+from onnxmerge.pass_framework import PASSES, PassContext, PassOptions, Refusal
 from onnxmerge.passes import DEFAULT_PIPELINE
 
 MAX_ROUNDS = 10
@@ -30,7 +30,12 @@ class PipelineRun:
     steps: list[Step]
     rounds: int
     converged: bool
-    refusals: dict[str, dict[str, str]] = field(default_factory=dict)
+    # Per pass (that refused anything), the refusals of its last round, in the order it met the nodes.
+    refusals: dict[str, list[Refusal]] = field(default_factory=dict)
+
+    def refusals_dict(self) -> dict[str, list[dict]]:
+        """The refusals as the JSON report holds them: ``{pass_name: [refusal.to_dict(), ...]}``."""
+        return {name: [refusal.to_dict() for refusal in found] for name, found in self.refusals.items()}
 
     def rewrites_per_pass(self) -> dict[str, int]:
         counts: dict[str, int] = {}
@@ -64,7 +69,7 @@ def run_pipeline(
     ctx = PassContext(template=proto, options=options or PassOptions())
     passes = [PASSES[name]() for name in pass_names]
     steps: list[Step] = []
-    refusals: dict[str, dict[str, str]] = {}
+    refusals: dict[str, list[Refusal]] = {}
     converged = False
     rounds = 0
     while rounds < MAX_ROUNDS and not _reached(steps, stop_after_steps):
@@ -73,7 +78,7 @@ def run_pipeline(
         for graph_pass in passes:
             ctx.ensure(graph, graph_pass.requires)
             result = graph_pass.run(graph, ctx)
-            refusals[graph_pass.name] = result.refusals
+            refusals[graph_pass.name] = list(result.refusals)
             if result.modified:
                 changed = True
                 ctx.shapes_current = ctx.shapes_current and graph_pass.preserves_shapes

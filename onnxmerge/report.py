@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 from contextlib import contextmanager
+from typing import Iterable, Mapping
 
 from rich.console import Console
 from rich.table import Table
@@ -12,6 +13,7 @@ from rich.text import Text
 
 from onnxmerge.errors import VerificationError
 from onnxmerge.io import atomic_write_bytes
+from onnxmerge.refusal import Refusal
 
 
 def format_int(value) -> str:
@@ -57,14 +59,24 @@ def fold_table(report: dict) -> Table:
     return table
 
 
-def print_explain(console: Console, refusals: dict[str, dict[str, str]]) -> None:
-    if not refusals:
+def print_explain(console: Console, refusals: Mapping[str, Iterable[Refusal | Mapping]]) -> None:
+    """Every refusal, grouped by pass, one line each: ``  <node> (<op>): <reason>``.
+
+    ``refusals`` maps a pass name to its :class:`Refusal` records or their ``to_dict()`` form (the JSON
+    report's). A node without a name shows as ``<unnamed Op #index>``; every record gets its own line.
+    """
+    if not any(refusals.values()):
         console.print("every candidate node was rewritten")
         return
-    for pass_name, reasons in refusals.items():
+    for pass_name, found in refusals.items():
+        entries = [r.to_dict() if isinstance(r, Refusal) else r for r in found]
+        if not entries:
+            continue
         console.print(f"[bold]{pass_name}[/]")
-        for node, reason in reasons.items():
-            console.print(f"  {node}: {reason}", highlight=False, markup=False, soft_wrap=True)
+        for entry in entries:
+            label = entry.get("label") or entry.get("node") or f"<unnamed {entry.get('op_type', '?')}>"
+            console.print(f"  {label} ({entry.get('op_type', '?')}): {entry['reason']}", highlight=False,
+                          markup=False, soft_wrap=True)
 
 
 @contextmanager

@@ -18,7 +18,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from onnxmerge.graph import add_constant, constant_value
-from onnxmerge.pass_framework import SHAPES, NodeRewritePass, PassContext, register_pass
+from onnxmerge.pass_framework import SHAPES, NodeRewritePass, PassContext, Refused, register_pass
 
 
 @register_pass
@@ -33,26 +33,24 @@ class ConstantReshapeTarget(NodeRewritePass):
     def matches(self, node: gs.Node) -> bool:
         return len(node.inputs) > 1 and constant_value(node.inputs[1]) is None
 
-    def rewrite(self, graph: gs.Graph, node: gs.Node, ctx: PassContext) -> str | None:
+    def rewrite(self, graph: gs.Graph, node: gs.Node, ctx: PassContext) -> None:
         target = constant_target(node.inputs[0].shape, node.outputs[0].shape, int(node.attrs.get("allowzero", 0)))
-        if isinstance(target, str):
-            return target
         node.inputs[1] = add_constant(graph, f"{node.name or 'reshape'}.shape", np.asarray(target, np.int64))
-        return None
 
 
-def constant_target(data: list | None, output: list | None, allowzero: int) -> list[int] | str:
-    """A constant Reshape target that gives ``output`` from ``data`` for every value of their symbolic dims,
-    or the reason there is none. Dims are ints (static) or strings (symbols; equal strings are equal dims)."""
+def constant_target(data: list | None, output: list | None, allowzero: int) -> list[int]:
+    """A constant Reshape target that gives ``output`` from ``data`` for every value of their symbolic dims;
+    raises :class:`Refused` when there is none. Dims are ints (static) or strings (symbols; equal strings
+    are equal dims)."""
     if output is None:
-        return "its output shape is unknown"
+        raise Refused("its output shape is unknown")
     data = list(data) if data is not None else []
     target: list[int] = []
     free = []
     for axis, dim in enumerate(output):
         if isinstance(dim, (int, np.integer)) and dim >= 0:
             if dim == 0 and not allowzero:
-                return f"output dim {axis} is 0, which allowzero=0 would read as 'copy the input dim'"
+                raise Refused(f"output dim {axis} is 0, which allowzero=0 would read as 'copy the input dim'")
             target.append(int(dim))
         elif (not allowzero and isinstance(dim, str) and dim and axis < len(data)
               and isinstance(data[axis], str) and data[axis] == dim):
@@ -61,6 +59,6 @@ def constant_target(data: list | None, output: list | None, allowzero: int) -> l
             free.append(axis)
             target.append(-1)
     if len(free) > 1:
-        return (f"output dims {free} are neither static nor copies of the input's dims at the same position "
-                f"(output shape {output}, input shape {data or 'unknown'})")
+        raise Refused(f"output dims {free} are neither static nor copies of the input's dims at the same "
+                      f"position (output shape {output}, input shape {data or 'unknown'})")
     return target

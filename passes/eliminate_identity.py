@@ -6,7 +6,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from onnxmerge.graph import bypass, constant_value, is_graph_output
-from onnxmerge.pass_framework import NodeRewritePass, PassContext, register_pass
+from onnxmerge.pass_framework import NodeRewritePass, PassContext, Refused, register_pass
 
 
 @register_pass
@@ -16,21 +16,19 @@ class EliminateIdentity(NodeRewritePass):
     preserves_shapes = True
     op_types = ("Identity", "Dropout")
 
-    def rewrite(self, graph: gs.Graph, node: gs.Node, ctx: PassContext) -> str | None:
+    def rewrite(self, graph: gs.Graph, node: gs.Node, ctx: PassContext) -> None:
         if node.op == "Dropout":
-            reason = _dropout_refusal(graph, node)
-            if reason:
-                return reason
-        return bypass(graph, node, node.inputs[0], node.outputs[0])
+            _check_inference_dropout(graph, node)
+        bypass(graph, node, node.inputs[0], node.outputs[0])
 
 
-def _dropout_refusal(graph: gs.Graph, node: gs.Node) -> str | None:
+def _check_inference_dropout(graph: gs.Graph, node: gs.Node) -> None:
+    """Raise :class:`Refused` unless the Dropout provably passes its input through."""
     if len(node.outputs) > 1 and (node.outputs[1].outputs or is_graph_output(graph, node.outputs[1])):
-        return "its mask output is used"
+        raise Refused("its mask output is used", [node.name])
     if len(node.inputs) > 2 and node.inputs[2].name:
         training = constant_value(node.inputs[2])
         if training is None:
-            return "its training_mode input is not a constant"
+            raise Refused("its training_mode input is not a constant", [node.name])
         if bool(np.any(training)):
-            return "it is in training mode"
-    return None
+            raise Refused("it is in training mode", [node.name])

@@ -7,8 +7,8 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx import TensorProto as T
 
-from onnxmerge.graph import bypass, bypass_refusal, detach, producer, sole_consumer
-from onnxmerge.pass_framework import SHAPES, NodeRewritePass, PassContext, register_pass
+from onnxmerge.graph import bypass, check_bypass, detach, producer, sole_consumer
+from onnxmerge.pass_framework import SHAPES, NodeRewritePass, PassContext, Refused, register_pass
 
 # Every value of the key type is exactly representable in each listed type (NaN, infinities and -0.0
 # included for floats), so a Cast from the key to a listed type and back returns the input bit for bit.
@@ -37,44 +37,50 @@ class EliminateNoopCast(NodeRewritePass):
     op_types = ("Cast",)
     requires = frozenset({SHAPES})  # dtypes come with the shapes
 
-    def rewrite(self, graph: gs.Graph, node: gs.Node, ctx: PassContext) -> str | None:
+    def rewrite(self, graph: gs.Graph, node: gs.Node, ctx: PassContext) -> None:
         target = node.attrs.get("to")
         if not isinstance(target, (int, np.integer)):
-            return "its 'to' attribute is not an ONNX type id (opset < 6)"
+            raise Refused("its 'to' attribute is not an ONNX type id (opset < 6)")
         target = int(target)
         source, out = node.inputs[0], node.outputs[0]
         source_type = elem_type(source)
         if source_type is None:
-            return "its input's dtype is unknown"
+            raise Refused("its input's dtype is unknown")
         if source_type == target:
-            return bypass(graph, node, source, out)
+            bypass(graph, node, source, out)
+            return
         converts = f"it converts {_name(source_type)} to {_name(target)}"
         inner = producer(source)
         if inner is None or inner.op != "Cast":
-            return converts
+            raise Refused(converts)
+        chained = [node.name, inner.name]
         first = inner.inputs[0]
         first_type = elem_type(first)
         if first_type is None:
-            return f"{converts}; the input dtype of Cast '{inner.name}' is unknown"
+            raise Refused(f"{converts}; the input dtype of Cast '{inner.name}' is unknown", chained)
         chain = f"{_name(first_type)}->{_name(source_type)}->{_name(target)}"
         if source_type not in EXACT_WIDENINGS.get(first_type, ()):
-            return f"{converts}; the chain {chain} is not exact ({_name(first_type)}->{_name(source_type)} may round)"
+            raise Refused(f"{converts}; the chain {chain} is not exact ({_name(first_type)}->{_name(source_type)} "
+                          "may round)", chained)
         sole = sole_consumer(graph, source) is node
         if target == first_type:  # a lossless round trip: both Casts go
-            reason = bypass_refusal(graph, first, out)
-            if reason is not None:
-                return f"the chain {chain} is a round trip, but {reason}"
+            try:
+                check_bypass(graph, first, out)
+            except Refused as refused:
+                raise Refused(f"the chain {chain} is a round trip, but {refused.reason}",
+                              [*chained, *refused.nodes]) from None
             if sole:
                 detach(inner)
-            return bypass(graph, node, first, out)
+            bypass(graph, node, first, out)
+            return
         # One conversion from the same exact value; only within one family, where Cast is value-based.
         if not ({first_type, source_type, target} <= _INTS or {first_type, source_type, target} <= _FLOATS):
-            return f"{converts}; the chain {chain} mixes integer, float or bool types and is not proven exact"
+            raise Refused(f"{converts}; the chain {chain} mixes integer, float or bool types and is not proven exact",
+                          chained)
         if not sole:
-            return f"{converts}; Cast '{inner.name}' has other consumers or is a graph output"
+            raise Refused(f"{converts}; Cast '{inner.name}' has other consumers or is a graph output", chained)
         node.inputs[0] = first
         detach(inner)
-        return None
 
 
 def elem_type(tensor: gs.Tensor) -> int | None:

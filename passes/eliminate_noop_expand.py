@@ -6,7 +6,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from onnxmerge.graph import bypass, constant_value, known_dims, static_shape
-from onnxmerge.pass_framework import SHAPES, NodeRewritePass, PassContext, register_pass
+from onnxmerge.pass_framework import SHAPES, NodeRewritePass, PassContext, Refused, register_pass
 
 
 @register_pass
@@ -17,34 +17,37 @@ class EliminateNoopExpand(NodeRewritePass):
     op_types = ("Expand",)
     requires = frozenset({SHAPES})
 
-    def rewrite(self, graph: gs.Graph, node: gs.Node, ctx: PassContext) -> str | None:
-        reason = noop_refusal(node)
-        if reason is not None:
-            return reason
-        return bypass(graph, node, node.inputs[0], node.outputs[0])
+    def rewrite(self, graph: gs.Graph, node: gs.Node, ctx: PassContext) -> None:
+        check_noop(node)
+        bypass(graph, node, node.inputs[0], node.outputs[0])
 
 
-def noop_refusal(node: gs.Node) -> str | None:
+def check_noop(node: gs.Node) -> None:
+    """Raise :class:`Refused` (naming the node) unless the Expand provably broadcasts nothing."""
+    def refuse(reason: str) -> Refused:
+        return Refused(reason, [node.name])
+
     data = node.inputs[0]
     before, after = static_shape(data), static_shape(node.outputs[0])
     if before is not None and after is not None:
-        return None if before == after else f"it broadcasts {before} to {after}"
+        if before != after:
+            raise refuse(f"it broadcasts {before} to {after}")
+        return
     # Dynamic dims: a constant target shape of 1s and the input's own static dims broadcasts nothing.
     spec = constant_value(node.inputs[1]) if len(node.inputs) > 1 else None
     dims = known_dims(data)
     if spec is None:
-        return "output shape unknown and its target shape is not a constant"
+        raise refuse("output shape unknown and its target shape is not a constant")
     if dims is None:
-        return "input rank unknown"
+        raise refuse("input rank unknown")
     spec = [int(v) for v in np.asarray(spec).ravel()]
     if len(spec) > len(dims):
-        return f"it raises the rank {len(dims)} -> {len(spec)}"
+        raise refuse(f"it raises the rank {len(dims)} -> {len(spec)}")
     offset = len(dims) - len(spec)
     for index, wanted in enumerate(spec):
         dim = dims[offset + index]
         if wanted == 1 or wanted == dim:
             continue
         if dim is None:
-            return f"input dimension {offset + index} is not static and the target shape has {wanted} there"
-        return f"it broadcasts dimension {offset + index} from {dim} to {wanted}"
-    return None
+            raise refuse(f"input dimension {offset + index} is not static and the target shape has {wanted} there")
+        raise refuse(f"it broadcasts dimension {offset + index} from {dim} to {wanted}")

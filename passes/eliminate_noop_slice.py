@@ -5,7 +5,7 @@ from __future__ import annotations
 import onnx_graphsurgeon as gs
 
 from onnxmerge.graph import bypass, ints_param, known_dims, static_shape
-from onnxmerge.pass_framework import SHAPES, NodeRewritePass, PassContext, register_pass
+from onnxmerge.pass_framework import SHAPES, NodeRewritePass, PassContext, Refused, register_pass
 
 # An end this large slices to the end of an axis of any size an exporter can mean (they write INT_MAX or
 # INT64_MAX for "to the end" when the size is dynamic).
@@ -20,48 +20,44 @@ class EliminateNoopSlice(NodeRewritePass):
     op_types = ("Slice",)
     requires = frozenset({SHAPES})
 
-    def rewrite(self, graph: gs.Graph, node: gs.Node, ctx: PassContext) -> str | None:
-        reason = noop_refusal(node)
-        if reason is not None:
-            return reason
-        return bypass(graph, node, node.inputs[0], node.outputs[0])
+    def rewrite(self, graph: gs.Graph, node: gs.Node, ctx: PassContext) -> None:
+        check_noop(node)
+        bypass(graph, node, node.inputs[0], node.outputs[0])
 
 
-def noop_refusal(node: gs.Node) -> str | None:
-    """None when the Slice copies its whole input, else why that is not known."""
+def check_noop(node: gs.Node) -> None:
+    """Raise :class:`Refused` (naming the node) unless the Slice copies its whole input."""
+    def refuse(reason: str) -> Refused:
+        return Refused(reason, [node.name])
+
     data = node.inputs[0]
     # Opset < 10: starts/ends/axes attributes and no steps; from 10 on: inputs 1-4.
-    params = [ints_param(node, attr, index) for attr, index in
-              (("starts", 1), ("ends", 2), ("axes", 3), ("steps", 4))]
-    for param in params:
-        if isinstance(param, str):
-            return param
-    starts, ends, axes, steps = params
+    starts, ends, axes, steps = [ints_param(node, attr, index) for attr, index in
+                                 (("starts", 1), ("ends", 2), ("axes", 3), ("steps", 4))]
     if starts is None or ends is None:
-        return "its starts or ends are missing"
+        raise refuse("its starts or ends are missing")
     steps = steps if steps is not None else [1] * len(starts)
     for step in steps:
         if step < 0:
-            return f"it has a negative step {step} (it reverses an axis)"
+            raise refuse(f"it has a negative step {step} (it reverses an axis)")
         if step != 1:
-            return f"it has step {step}, not 1"
+            raise refuse(f"it has step {step}, not 1")
     before, after = static_shape(data), static_shape(node.outputs[0])
     if before is not None and after is not None and before != after:
-        return f"it changes the shape {before} -> {after}"
+        raise refuse(f"it changes the shape {before} -> {after}")
     dims = known_dims(data)
     if dims is None:
-        return "input rank unknown"
+        raise refuse("input rank unknown")
     axes = axes if axes is not None else list(range(len(starts)))
     if not len(axes) == len(starts) == len(ends) == len(steps):
-        return "its starts, ends, axes and steps differ in length"
+        raise refuse("its starts, ends, axes and steps differ in length")
     for axis, start, end in zip(axes, starts, ends):
         if not -len(dims) <= axis < len(dims):
-            return f"axis {axis} is out of range"
+            raise refuse(f"axis {axis} is out of range")
         dim = dims[axis % len(dims)]
         if start != 0 and not (dim is not None and start <= -dim):
-            return f"it starts at {start} on axis {axis}, not 0"
+            raise refuse(f"it starts at {start} on axis {axis}, not 0")
         if dim is None and end < _TO_THE_END:
-            return f"it ends at {end} on axis {axis}, whose size is not static"
+            raise refuse(f"it ends at {end} on axis {axis}, whose size is not static")
         if dim is not None and end < dim:
-            return f"it ends at {end} on axis {axis} of size {dim}"
-    return None
+            raise refuse(f"it ends at {end} on axis {axis} of size {dim}")

@@ -7,7 +7,7 @@ import math
 import onnx_graphsurgeon as gs
 
 from onnxmerge.graph import constant_value, static_shape
-from onnxmerge.pass_framework import SHAPES, NodeRewritePass, PassContext, register_pass
+from onnxmerge.pass_framework import SHAPES, NodeRewritePass, PassContext, Refused, register_pass
 
 
 @register_pass
@@ -17,13 +17,13 @@ class ExplicitPads(NodeRewritePass):
     op_types = ("Conv",)
     requires = frozenset({SHAPES})
 
-    def rewrite(self, graph: gs.Graph, node: gs.Node, ctx: PassContext) -> str | None:
+    def rewrite(self, graph: gs.Graph, node: gs.Node, ctx: PassContext) -> None:
         mode = node.attrs.get("auto_pad", "NOTSET")
         if mode == "NOTSET":
-            return "it already has explicit pads"
+            raise Refused("it already has explicit pads")
         weight = constant_value(node.inputs[1])
         if weight is None:
-            return "its weight is not a constant, so the kernel size is unknown"
+            raise Refused("its weight is not a constant, so the kernel size is unknown")
         rank = weight.ndim - 2
         kernel = node.attrs.get("kernel_shape") or list(weight.shape[2:])
         strides = node.attrs.get("strides") or [1] * rank
@@ -33,7 +33,8 @@ class ExplicitPads(NodeRewritePass):
         else:
             shape = static_shape(node.inputs[0])
             if shape is None and any(s != 1 for s in strides):
-                return f"auto_pad={mode} with stride > 1 needs the input's spatial size, which is not static"
+                raise Refused(f"auto_pad={mode} with stride > 1 needs the input's spatial size, which is not "
+                              "static")
             begins, ends = [], []
             for axis in range(rank):
                 size = shape[2 + axis] if shape else 0
@@ -46,4 +47,3 @@ class ExplicitPads(NodeRewritePass):
             pads = begins + ends
         del node.attrs["auto_pad"]
         node.attrs["pads"] = pads
-        return None

@@ -31,7 +31,7 @@ import onnx_graphsurgeon as gs
 
 from onnxmerge.graph import (add_constant, constant_value, current_external_data_dir, detach, export_graph,
                              import_graph, is_graph_output, replace_uses, static_shape)
-from onnxmerge.pass_framework import SHAPES, GraphPass, PassContext, PassResult, register_pass
+from onnxmerge.pass_framework import SHAPES, GraphPass, PassContext, PassResult, Refusal, Refused, register_pass
 
 _NONDETERMINISTIC = frozenset({"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike",
                                "Multinomial"})
@@ -65,7 +65,7 @@ class FoldConstants(GraphPass):
                 result.rewrites += len(graph.nodes) - len(new_graph.nodes)
                 _replace_contents(graph, new_graph)
                 result.modified = True
-        result.refusals.update(_refusals(graph, limit))
+        result.refusals.extend(_refusals(self.name, graph, limit))
         return result
 
 
@@ -197,32 +197,38 @@ def _replace_contents(graph: gs.Graph, new: gs.Graph) -> None:
     graph.__dict__.pop("_onnxmerge_names", None)  # graph.unique_name's cache of taken names
 
 
-def _refusals(graph: gs.Graph, limit_bytes: int) -> dict[str, str]:
-    """Why the nodes that look foldable were left alone."""
-    reasons = {}
+def _refusals(pass_name: str, graph: gs.Graph, limit_bytes: int) -> list[Refusal]:
+    """Why the nodes that look foldable (after folding) were left alone, one record per node."""
+    found = []
     for index, node in enumerate(graph.nodes):
-        key = node.name or f"<unnamed {node.op} #{index}>"
-        if node.op in ("Shape", "Size"):
-            shape = node.inputs[0].shape if node.inputs else None
-            if static_shape(node.inputs[0]) is None:
-                dynamic = [str(d) for d in (shape or []) if not isinstance(d, int) or d < 0]
-                reasons[key] = ("it reads dynamic dims (" + ", ".join(dynamic or ["unknown rank"]) + "); pin them "
-                                "with overwrite_input_shapes to fold it")
-            continue
-        if node.op == "Constant" or not node.inputs or not all(_is_constant(t) for t in node.inputs if t.name):
-            continue
-        if node.op in _NONDETERMINISTIC:
-            reasons[key] = "it is nondeterministic"
-        elif node.domain not in (None, "", "ai.onnx"):
-            reasons[key] = f"op domain '{node.domain}' is not evaluated"
-        else:
-            size = _output_bytes(node)
-            if size is not None and size > limit_bytes:
-                reasons[key] = (f"its result ({size / 2**20:.1f} MiB) is over the fold size limit "
-                                f"({limit_bytes / 2**20:.1f} MiB)")
-            else:
-                reasons[key] = "the evaluator could not compute it (see onnxscript's constant folder)"
-    return reasons
+        try:
+            _explain_unfolded(node, limit_bytes)
+        except Refused as refused:
+            found.append(Refusal.of(pass_name, node, refused, index))
+    return found
+
+
+def _explain_unfolded(node: gs.Node, limit_bytes: int) -> None:
+    """For a node still in the graph after folding: raise :class:`Refused` saying why it was not folded if it
+    looked foldable (a Shape/Size of dynamic dims, or a node whose inputs are all constants)."""
+    if node.op in ("Shape", "Size"):
+        shape = node.inputs[0].shape if node.inputs else None
+        if static_shape(node.inputs[0]) is None:
+            dynamic = [str(d) for d in (shape or []) if not isinstance(d, int) or d < 0]
+            raise Refused("it reads dynamic dims (" + ", ".join(dynamic or ["unknown rank"]) + "); pin them "
+                          "with overwrite_input_shapes to fold it")
+        return
+    if node.op == "Constant" or not node.inputs or not all(_is_constant(t) for t in node.inputs if t.name):
+        return
+    if node.op in _NONDETERMINISTIC:
+        raise Refused("it is nondeterministic")
+    if node.domain not in (None, "", "ai.onnx"):
+        raise Refused(f"op domain '{node.domain}' is not evaluated")
+    size = _output_bytes(node)
+    if size is not None and size > limit_bytes:
+        raise Refused(f"its result ({size / 2**20:.1f} MiB) is over the fold size limit "
+                      f"({limit_bytes / 2**20:.1f} MiB)")
+    raise Refused("the evaluator could not compute it (see onnxscript's constant folder)")
 
 
 def _output_bytes(node: gs.Node) -> int | None:

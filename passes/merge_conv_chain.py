@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import onnx_graphsurgeon as gs
 
-from onnxmerge.conv_algebra import ConvParams, compose, composition_refusal, conv_macs
-from onnxmerge.graph import (conv_params, detach, producer, set_conv_params, sole_consumer, static_shape,
+from onnxmerge.conv_algebra import ConvParams, MergeRefused, compose, conv_macs
+from onnxmerge.graph import (detach, producer, read_conv_params, set_conv_params, sole_consumer, static_shape,
                              weight_dtype)
-from onnxmerge.pass_framework import SHAPES, NodeRewritePass, PassContext, register_pass
+from onnxmerge.pass_framework import SHAPES, NodeRewritePass, PassContext, Refused, register_pass
 
 
 @register_pass
@@ -17,29 +17,33 @@ class MergeConvChain(NodeRewritePass):
     op_types = ("Conv",)
     requires = frozenset({SHAPES})
 
-    def rewrite(self, graph: gs.Graph, node: gs.Node, ctx: PassContext) -> str | None:
+    def rewrite(self, graph: gs.Graph, node: gs.Node, ctx: PassContext) -> None:
         middle = node.inputs[0]
         first = producer(middle)
         if first is None or first.op != "Conv":
-            return "its input does not come from a Conv"
+            raise Refused("its input does not come from a Conv")
+        pair = [first.name, node.name]
         if sole_consumer(graph, middle) is not node:
-            return f"the output of Conv '{first.name}' has other consumers"
-        first_params, second_params = conv_params(first), conv_params(node)
-        for owner, params in ((first, first_params), (node, second_params)):
-            if isinstance(params, str):
-                return f"cannot read Conv '{owner.name}': {params}"
-        refusal = composition_refusal(first_params, second_params)
-        if refusal:
-            return f"not merged with Conv '{first.name}': {refusal}"
-        merged = compose(first_params, second_params)
+            raise Refused(f"the output of Conv '{first.name}' has other consumers", pair)
+        first_params, second_params = (_read(owner, pair) for owner in (first, node))
+        try:
+            merged = compose(first_params, second_params)
+        except MergeRefused as refused:
+            raise Refused(f"not merged with Conv '{first.name}': {refused}", pair) from None
         pair_cost, merged_cost = _costs(first_params, second_params, merged, middle, node.outputs[0])
         if merged_cost > pair_cost and not ctx.options.allow_costlier_merges:
-            return (f"merging with Conv '{first.name}' would cost {merged_cost:,} MACs vs {pair_cost:,} for the "
-                    "pair (allow_costlier_merges / --allow-costlier-merges overrides)")
+            raise Refused(f"merging with Conv '{first.name}' would cost {merged_cost:,} MACs vs {pair_cost:,} for "
+                          "the pair (allow_costlier_merges / --allow-costlier-merges overrides)", pair)
         set_conv_params(graph, node, merged, weight_dtype(node))
         node.inputs[0] = first.inputs[0]
         detach(first)
-        return None
+
+
+def _read(conv: gs.Node, pair: list[str]) -> ConvParams:
+    try:
+        return read_conv_params(conv)
+    except Refused as refused:
+        raise refused.within(f"cannot read Conv '{conv.name}'", pair) from None
 
 
 def _costs(first: ConvParams, second: ConvParams, merged: ConvParams, middle: gs.Tensor,

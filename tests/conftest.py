@@ -114,9 +114,15 @@ def apply(model: onnx.ModelProto, *pass_names: str, **option_kwargs):
     return run_pipeline(model, list(pass_names), PassOptions(**option_kwargs))
 
 
-def reasons(run, pass_name: str) -> str:
-    """All refusal reasons a pass gave, joined, for substring assertions."""
-    return " | ".join(run.refusals.get(pass_name, {}).values())
+def refusals(run, pass_name: str) -> list:
+    """The :class:`~onnxmerge.refusal.Refusal` records a pass left in ``run`` (its last round), in order."""
+    return list(run.refusals.get(pass_name, []))
+
+
+def reasons(run, pass_name: str, node: str | None = None) -> str:
+    """All refusal reasons a pass gave (only those of the node named ``node`` when given), joined, for
+    substring assertions."""
+    return " | ".join(r.reason for r in refusals(run, pass_name) if node is None or r.node == node)
 
 
 @pytest.fixture(scope="session")

@@ -95,4 +95,4 @@ def test_training_mode_bn_is_refused():
     g.nodes.append(helper.make_node("BatchNormalization", [conv, *stats], ["y"], name="bn", training_mode=1))
     model = g.build("y", shapes={"y": [1, 3, 4, 4]})
     run = apply(model, "fold_batchnorm")
-    assert "training mode" in run.refusals["fold_batchnorm"]["bn"]
+    assert "training mode" in reasons(run, "fold_batchnorm", "bn")
