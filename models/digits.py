@@ -13,6 +13,7 @@ import os
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -72,16 +73,18 @@ def train_digits(
     epochs: int = 15,
     out_path: str | os.PathLike | None = None,
     keep_bn: bool = True,
+    act: Callable[[int], torch.nn.Module] | None = None,
 ) -> TrainedDigits:
     """Train `arch` ("resnet" or "mobilenet") and export it with a dynamic batch.
 
-    BN is kept by default because folding it is one of the passes under test.
+    BN is kept by default because folding it is one of the passes under test. ``act(channels)`` builds the
+    activation modules instead of the architecture's own (ReLU / ReLU6), e.g. ``lambda c: nn.PReLU(c)``.
     """
     name = _registry_name(arch)
     torch.set_num_threads(2)
     x_tr, y_tr, x_te, y_te = load_digits_split(seed)
     torch.manual_seed(seed)
-    model = MODELS[name]()
+    model = MODELS[name]() if act is None else MODELS[name](act=act)
     xt, yt = torch.from_numpy(x_tr), torch.from_numpy(y_tr)
     batch = 64
     steps = (len(xt) + batch - 1) // batch

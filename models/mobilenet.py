@@ -5,6 +5,8 @@ channel counts real exported checkpoints have.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -28,24 +30,27 @@ def make_divisible(v: float, divisor: int = 8) -> int:
     return new_v
 
 
-def _conv_bn_relu6(cin: int, cout: int, k: int = 3, stride: int = 1, groups: int = 1) -> nn.Sequential:
+def _conv_bn_relu6(cin: int, cout: int, k: int = 3, stride: int = 1, groups: int = 1,
+                   act: Callable[[int], nn.Module] | None = None) -> nn.Sequential:
+    """``act(channels)`` replaces the ReLU6 when given."""
     return nn.Sequential(
         nn.Conv2d(cin, cout, k, stride, (k - 1) // 2, groups=groups, bias=False),
         nn.BatchNorm2d(cout),
-        nn.ReLU6(inplace=True),
+        nn.ReLU6(inplace=True) if act is None else act(cout),
     )
 
 
 class InvertedResidual(nn.Module):
-    def __init__(self, cin: int, cout: int, stride: int, expand_ratio: int):
+    def __init__(self, cin: int, cout: int, stride: int, expand_ratio: int,
+                 act: Callable[[int], nn.Module] | None = None):
         super().__init__()
         hidden = int(round(cin * expand_ratio))
         self.use_res_connect = stride == 1 and cin == cout
         layers: list[nn.Module] = []
         if expand_ratio != 1:
-            layers.append(_conv_bn_relu6(cin, hidden, k=1))
+            layers.append(_conv_bn_relu6(cin, hidden, k=1, act=act))
         layers += [
-            _conv_bn_relu6(hidden, hidden, stride=stride, groups=hidden),
+            _conv_bn_relu6(hidden, hidden, stride=stride, groups=hidden, act=act),
             nn.Conv2d(hidden, cout, 1, 1, 0, bias=False),
             nn.BatchNorm2d(cout),
         ]
@@ -69,17 +74,18 @@ class MobileNetV2(nn.Module):
         last_channel: int = 1280,
         stem_stride: int = 2,
         dropout: float = 0.2,
+        act: Callable[[int], nn.Module] | None = None,
     ):
         super().__init__()
         cin = make_divisible(input_channel * width_mult)
         self.last_channel = make_divisible(last_channel * max(1.0, width_mult))
-        features: list[nn.Module] = [_conv_bn_relu6(in_channels, cin, stride=stem_stride)]
+        features: list[nn.Module] = [_conv_bn_relu6(in_channels, cin, stride=stem_stride, act=act)]
         for t, c, n, s in setting:
             cout = make_divisible(c * width_mult)
             for i in range(n):
-                features.append(InvertedResidual(cin, cout, s if i == 0 else 1, t))
+                features.append(InvertedResidual(cin, cout, s if i == 0 else 1, t, act=act))
                 cin = cout
-        features.append(_conv_bn_relu6(cin, self.last_channel, k=1))
+        features.append(_conv_bn_relu6(cin, self.last_channel, k=1, act=act))
         self.features = nn.Sequential(*features)
         self.classifier = nn.Sequential(nn.Dropout(dropout), nn.Linear(self.last_channel, num_classes))
         for m in self.modules():

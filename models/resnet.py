@@ -6,8 +6,14 @@ the graph shapes real exported ResNets produce (Conv→BN→ReLU chains, residua
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
+
+# ``act(channels)`` builds the activation module applied to a map of that many channels (PReLU needs the
+# count); None keeps torchvision's ReLU.
+ActFactory = Callable[[int], nn.Module]
 
 
 def _conv_bn(cin: int, cout: int, k: int, stride: int = 1) -> list[nn.Module]:
@@ -22,38 +28,42 @@ def _projection(cin: int, cout: int, stride: int) -> nn.Module | None:
 class BasicBlock(nn.Module):
     expansion = 1
 
-    def __init__(self, cin: int, width: int, stride: int = 1):
+    def __init__(self, cin: int, width: int, stride: int = 1, act: ActFactory | None = None):
         super().__init__()
         cout = width * self.expansion
         self.conv1, self.bn1 = _conv_bn(cin, width, 3, stride)
         self.conv2, self.bn2 = _conv_bn(width, cout, 3)
-        self.relu = nn.ReLU(inplace=True)
+        self.relu = nn.ReLU(inplace=True) if act is None else act(width)
+        self.act_out = None if act is None else act(cout)  # a second module: a PReLU has its own slope
         self.downsample = _projection(cin, cout, stride)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         identity = x if self.downsample is None else self.downsample(x)
         out = self.bn2(self.conv2(self.relu(self.bn1(self.conv1(x)))))
-        return self.relu(out + identity)
+        return (self.relu if self.act_out is None else self.act_out)(out + identity)
 
 
 class Bottleneck(nn.Module):
     expansion = 4
 
-    def __init__(self, cin: int, width: int, stride: int = 1):
+    def __init__(self, cin: int, width: int, stride: int = 1, act: ActFactory | None = None):
         super().__init__()
         cout = width * self.expansion
         self.conv1, self.bn1 = _conv_bn(cin, width, 1)
         self.conv2, self.bn2 = _conv_bn(width, width, 3, stride)
         self.conv3, self.bn3 = _conv_bn(width, cout, 1)
         self.relu = nn.ReLU(inplace=True)
+        # With ``act``, one module per use (a PReLU has its own slope); None keeps the shared ReLU.
+        self.acts = None if act is None else nn.ModuleList([act(width), act(width), act(cout)])
         self.downsample = _projection(cin, cout, stride)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         identity = x if self.downsample is None else self.downsample(x)
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.relu(self.bn2(self.conv2(out)))
+        first, second, last = (self.relu,) * 3 if self.acts is None else tuple(self.acts)
+        out = first(self.bn1(self.conv1(x)))
+        out = second(self.bn2(self.conv2(out)))
         out = self.bn3(self.conv3(out))
-        return self.relu(out + identity)
+        return last(out + identity)
 
 
 class ResNet(nn.Module):
@@ -68,15 +78,16 @@ class ResNet(nn.Module):
         width: int = 64,
         in_channels: int = 3,
         small_stem: bool = False,
+        act: ActFactory | None = None,
     ):
         super().__init__()
         if small_stem:
-            stem = [*_conv_bn(in_channels, width, 3), nn.ReLU(inplace=True)]
+            stem = [*_conv_bn(in_channels, width, 3), nn.ReLU(inplace=True) if act is None else act(width)]
         else:
             stem = [
                 nn.Conv2d(in_channels, width, 7, 2, 3, bias=False),
                 nn.BatchNorm2d(width),
-                nn.ReLU(inplace=True),
+                nn.ReLU(inplace=True) if act is None else act(width),
                 nn.MaxPool2d(3, 2, 1),
             ]
         self.stem = nn.Sequential(*stem)
@@ -85,7 +96,7 @@ class ResNet(nn.Module):
             w = width * 2**i
             blocks = []
             for j in range(n):
-                blocks.append(block(cin, w, 2 if i > 0 and j == 0 else 1))
+                blocks.append(block(cin, w, 2 if i > 0 and j == 0 else 1, act=act))
                 cin = w * block.expansion
             stages.append(nn.Sequential(*blocks))
         self.layers = nn.Sequential(*stages)

@@ -23,10 +23,11 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from onnxmerge import activations
+from onnxmerge.activations import Activation
 from onnxmerge.environment import default_cache_dir, hardware_fingerprint
 from onnxmerge.errors import BadInputError
-from onnxmerge.graph import (clip_bounds, conv_params, import_graph, is_graph_output, sole_consumer,
-                             weight_dtype)
+from onnxmerge.graph import conv_params, import_graph, weight_dtype
 from onnxmerge.io import ModelLike, clamp_ir_version, load_model
 from onnxmerge.profiler import profile
 from onnxmerge.report import write_json
@@ -36,13 +37,14 @@ from onnxmerge.timing import LatencyStats
 
 OPSET = 17
 DTYPES = ("float32", "float16")
-# Activations that are one ONNX op, both ways: what conv_model emits and what conv_signatures recognises.
-_SINGLE_OP_ACTIVATIONS = {"relu": "Relu", "hardswish": "HardSwish", "leaky_relu": "LeakyRelu", "sigmoid": "Sigmoid"}
-# Composites, written as opset-17 exporters write them: relu6 = Clip(0, 6), silu = x * Sigmoid(x),
-# gelu = x * 0.5 * (1 + Erf(x / sqrt(2))); ORT fuses them into QuickGelu and Gelu at "extended" and above.
-ACTIVATIONS = tuple(_SINGLE_OP_ACTIVATIONS) + ("relu6", "silu", "gelu")
+# Shorthand names of common activations. A signature's activation is any onnxmerge.activations name or
+# Activation (every activation the table recognises can be measured); it is stored as the table's name, e.g.
+# "relu6" as "clip(0,6)" and "leaky_relu" as "leakyrelu(0.01)". conv_model emits it as the table emits it at
+# OPSET (silu = x * Sigmoid(x), gelu in its Erf form, which ORT fuses into QuickGelu / Gelu at "extended").
+ACTIVATIONS = ("relu", "hardswish", "leaky_relu", "sigmoid", "relu6", "silu", "gelu")
 # Bump when conv_model changes what it builds: entries measured on the old models stop matching.
-CACHE_FORMAT = 1
+# 2: activations named by the activation table, with their parameters ("clip(0,6)", "leakyrelu(0.1)").
+CACHE_FORMAT = 2
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -61,7 +63,7 @@ class ConvSignature:
     dilation: int | tuple[int, ...] = 1
     groups: int = 1
     padding: str | tuple[int, ...] = "same"
-    activation: str | None = None
+    activation: str | Activation | None = None  # stored as its activation-table name
     dtype: str = "float32"
     batch: int = 1
 
@@ -86,13 +88,42 @@ class ConvSignature:
         if self.in_channels % self.groups or self.out_channels % self.groups:
             raise BadInputError(f"groups={self.groups} must divide in_channels={self.in_channels} and "
                                 f"out_channels={self.out_channels}")
-        if self.activation is not None and self.activation not in ACTIVATIONS:
-            raise BadInputError(f"unknown activation '{self.activation}'; choose from None, {', '.join(ACTIVATIONS)}")
+        if self.activation is not None:
+            object.__setattr__(self, "activation", self._activation().name)
         if self.dtype not in DTYPES:
             raise BadInputError(f"dtype must be one of {', '.join(DTYPES)}, got '{self.dtype}'")
         if min(self.output_hw) < 1:
             raise BadInputError(f"input_hw={self.input_hw} is too small for kernel={self.kernel}, "
                                 f"dilation={self.dilation}, padding={self.padding} (output {self.output_hw})")
+
+    def _activation(self) -> Activation:
+        if isinstance(self.activation, Activation):
+            activation = self.activation
+        else:
+            try:
+                activation = activations.parse(str(self.activation))
+            except ValueError:
+                raise BadInputError(f"unknown activation '{self.activation}'; choose from None, an activation name "
+                                    f"such as {', '.join(ACTIVATIONS)}, leakyrelu(0.1), clip(0,4), tanh, "
+                                    f"prelu[C,1,1] (kinds: {', '.join(activations.KINDS)})") from None
+        if activation.slope is not None:
+            try:
+                np.broadcast_shapes(activation.slope.shape, (self.out_channels, *self.input_hw))
+            except ValueError:
+                raise BadInputError(f"activation {activation.name}: its slope does not broadcast over "
+                                    f"{self.out_channels} output channels") from None
+        return activation
+
+    @property
+    def activation_value(self) -> Activation | None:
+        """The activation as a table value (a PReLU's slope is 0.25 throughout: its values cost nothing)."""
+        return None if self.activation is None else activations.parse(self.activation)
+
+    @property
+    def fused(self) -> bool:
+        """Whether ORT's CPU EP fuses the activation into the Conv (a linear conv counts as fused): then the
+        entry costs about the conv alone; otherwise it includes one more pass over the output."""
+        return self.activation is None or self.activation_value.ort_fuses_after_conv
 
     @property
     def output_hw(self) -> tuple[int, ...]:
@@ -146,7 +177,8 @@ def conv_model(signature: ConvSignature, *, seed: int = 0) -> onnx.ModelProto:
                               strides=list(sig.stride), dilations=list(sig.dilation), pads=list(sig.padding),
                               group=sig.groups)]
     if sig.activation:
-        activation_nodes, constants = _activation(sig.activation, conv_out, "y", dtype)
+        activation_nodes, constants = sig.activation_value.emit_onnx(conv_out, "y", dtype=dtype, opset=OPSET,
+                                                                     prefix="activation")
         nodes += activation_nodes
         initializers += constants
     graph = helper.make_graph(
@@ -156,24 +188,6 @@ def conv_model(signature: ConvSignature, *, seed: int = 0) -> onnx.ModelProto:
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="onnxmerge")
     clamp_ir_version(model)
     return model
-
-
-def _activation(name: str, source: str, target: str, dtype: np.dtype) -> tuple[list, list]:
-    """ONNX nodes (and their constants) computing activation ``name`` from ``source`` into ``target``."""
-    def const(tag: str, value: float) -> onnx.TensorProto:
-        return numpy_helper.from_array(np.array(value, dtype=dtype), f"{name}.{tag}")
-
-    make = helper.make_node
-    if name in _SINGLE_OP_ACTIVATIONS:
-        return [make(_SINGLE_OP_ACTIVATIONS[name], [source], [target])], []
-    if name == "relu6":
-        return [make("Clip", [source, "relu6.min", "relu6.max"], [target])], [const("min", 0), const("max", 6)]
-    if name == "silu":
-        return [make("Sigmoid", [source], ["silu.sigmoid"]), make("Mul", [source, "silu.sigmoid"], [target])], []
-    return ([make("Div", [source, "gelu.sqrt2"], ["gelu.scaled"]), make("Erf", ["gelu.scaled"], ["gelu.erf"]),
-             make("Add", ["gelu.erf", "gelu.one"], ["gelu.shifted"]),
-             make("Mul", [source, "gelu.shifted"], ["gelu.x2"]), make("Mul", ["gelu.x2", "gelu.half"], [target])],
-            [const("sqrt2", np.sqrt(2.0)), const("one", 1.0), const("half", 0.5)])
 
 
 @dataclass(eq=False)
@@ -205,8 +219,8 @@ class LatencyTable(Mapping):
         return {"provider": self.provider, "threads": self.threads, "opt_level": self.opt_level,
                 "fingerprint": self.fingerprint, "hits": self.hits, "misses": self.misses,
                 "cache_dir": str(self.cache_dir) if self.cache_dir else None,
-                "entries": [{"key": sig.key(), "signature": asdict(sig), "latency": stats.to_dict()}
-                            for sig, stats in self.entries.items()]}
+                "entries": [{"key": sig.key(), "signature": asdict(sig), "fused": sig.fused,
+                             "latency": stats.to_dict()} for sig, stats in self.entries.items()]}
 
 
 def cache_key(signature: ConvSignature, *, provider: str, threads: int, opt_level: str, fingerprint: str) -> str:
@@ -260,7 +274,8 @@ def conv_signatures(model: ModelLike, input_shapes: dict | list[str] | None = No
 
     Nodes are named as :func:`onnxmerge.stats.node_costs` names them (``Conv_<index>`` when unnamed).
     Convs with ``auto_pad=SAME_*`` or non-constant weights are refused: ``fold`` makes pads explicit.
-    GELU is recognised as a ``Gelu`` node only, not as the Erf pattern, which is then left outside the table.
+    The activation is whatever :func:`onnxmerge.activations.after` recognises reading the conv's output alone
+    (every form of the table: a Gelu node or its Erf pattern, x * Sigmoid(x), Clip with any bounds...).
     """
     proto = load_model(model).proto
     shapes = parse_input_shapes(input_shapes) if isinstance(input_shapes, list) else input_shapes
@@ -280,27 +295,9 @@ def conv_signatures(model: ModelLike, input_shapes: dict | list[str] | None = No
         found.append((name, ConvSignature(
             in_channels=params.in_channels, out_channels=params.out_channels, kernel=params.kernel_shape,
             stride=params.strides, dilation=params.dilations, groups=params.groups, padding=params.pads,
-            input_hw=data_shape[2:], batch=data_shape[0], activation=_activation_after(graph, node),
+            input_hw=data_shape[2:], batch=data_shape[0], activation=activations.after(graph, node.outputs[0]),
             dtype=str(weight_dtype(node)))))
     return found
-
-
-def _activation_after(graph, node) -> str | None:
-    """The activation that reads the conv's output and nothing else does (ORT can fuse only those)."""
-    output = node.outputs[0]
-    consumer = sole_consumer(graph, output)
-    if consumer is not None:
-        if consumer.op == "Clip":
-            return "relu6" if clip_bounds(consumer) == (0.0, 6.0) else None
-        if consumer.op == "Gelu" and consumer.domain in ("", "com.microsoft"):
-            return "gelu"
-        return next((name for name, op in _SINGLE_OP_ACTIVATIONS.items() if op == consumer.op), None)
-    readers = {reader.op: reader for reader in output.outputs}
-    if len(output.outputs) == 2 and set(readers) == {"Sigmoid", "Mul"} and not is_graph_output(graph, output):
-        sigmoid, mul = readers["Sigmoid"], readers["Mul"]
-        if sole_consumer(graph, sigmoid.outputs[0]) is mul:
-            return "silu"
-    return None
 
 
 def additivity(model: ModelLike, input_shapes: dict | list[str] | None = None, *, provider: str = "cpu",

@@ -4,7 +4,8 @@ A segment (i, j] becomes one Conv reading the tensor at position i: its kept con
 "pad once at the front" form (conv_algebra.compose(pad_at_front=True)), residual blocks that lie inside it
 absorbed into the kernel (identity or 1x1 projection at the padding offset), pruned reducible convs
 replaced by identity, and the activations strictly inside removed. What follows conv j in the original
-(an outer residual Add, the activation at j) is left as it is.
+(an outer residual Add, the activation at j) is left as it is, parameters and all; an activation added at a
+linear position is emitted by the activation table (onnxmerge.activations) with the network's parameters.
 """
 
 from __future__ import annotations
@@ -13,10 +14,11 @@ from dataclasses import dataclass
 
 from collections import Counter
 
-import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from onnxmerge import activations
+from onnxmerge.activations import Activation
 from onnxmerge.layermerge.segments import ChainAnalysis, KernelOption, Skip
 from onnxmerge.conv_algebra import ConvParams, add_parallel, compose, identity_conv
 from onnxmerge.errors import BadInputError
@@ -83,25 +85,38 @@ def _then(first: ConvParams | None, second: ConvParams | None) -> ConvParams | N
     return compose(first, second, pad_at_front=True)
 
 
-def dominant_activation(analysis: ChainAnalysis) -> str | None:
-    """The network's own activation: what a merged segment ending at a linear position is given."""
-    kinds = Counter(p.activation for p in analysis.positions if p.activation is not None)
-    return kinds.most_common(1)[0][0] if kinds else None
+def dominant_activation(analysis: ChainAnalysis) -> Activation | None:
+    """The network's own activation, parameters included: what a merged segment ending at a linear position is
+    given. The most frequent one (the first on ties); PReLUs count together whatever their slopes, and the
+    first one stands for them (:meth:`Activation.fitted` adapts its slope to where it is added)."""
+    found = [p.activation_value for p in analysis.positions if p.activation_value is not None]
+    counts = Counter((a.kind, a.params) for a in found)
+    if not counts:
+        return None
+    key = counts.most_common(1)[0][0]
+    return next(a for a in found if (a.kind, a.params) == key)
 
 
 def apply_segments(model: onnx.ModelProto, analysis: ChainAnalysis, choices: list[SegmentChoice], *,
                    overrides: dict[tuple[int, int], ConvParams] | None = None,
-                   activation_kind: str | None = None) -> onnx.ModelProto:
+                   activation_kind: str | Activation | None = None) -> onnx.ModelProto:
     """The model with every non-trivial choice merged; trivial choices leave the graph untouched.
 
     ``overrides`` gives the merged conv of a (start, end) directly (e.g. a refit), instead of composing.
     A segment of two or more convs that ends at a linear position gets the network's activation there
-    (LayerMerge's rule: merged segments always end nonlinear); ``activation_kind`` overrides which one.
+    (LayerMerge's rule: merged segments always end nonlinear); ``activation_kind`` overrides which one (an
+    :class:`Activation` or its name, e.g. ``"leakyrelu(0.1)"``).
     """
     graph = import_graph(model)
     tensors = graph.tensors()
     nodes = {node.name: node for node in graph.nodes}
+    if isinstance(activation_kind, str):
+        try:
+            activation_kind = activations.parse(activation_kind)
+        except ValueError as exc:
+            raise BadInputError(f"cannot add activation '{activation_kind}': {exc}") from None
     kind = activation_kind or dominant_activation(analysis)
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
     for choice in choices:
         if choice.is_trivial:
             continue
@@ -119,7 +134,8 @@ def apply_segments(model: onnx.ModelProto, analysis: ChainAnalysis, choices: lis
         _take_over(output, merged)
         position = analysis.positions[choice.end]
         if position.activation is None and len(choice.option.kept) > 1 and kind is not None:
-            _insert_activation(graph, tensors[position.tensor], kind)
+            _insert_activation(graph, tensors[position.tensor], kind.fitted(params.out_channels), opset,
+                               weight_dtype(last))
     graph.cleanup(remove_unused_graph_inputs=False)
     result = export_graph(graph, model)
     clamp_ir_version(result)
@@ -135,34 +151,17 @@ def _take_over(tensor: gs.Variable, node: gs.Node) -> None:
     node.outputs.append(tensor)
 
 
-def _insert_activation(graph: gs.Graph, tensor: gs.Variable, kind: str) -> None:
-    """Apply ``kind`` to ``tensor`` for every reader of it (graph outputs keep their name)."""
+def _insert_activation(graph: gs.Graph, tensor: gs.Variable, activation: Activation, opset: int, dtype) -> None:
+    """Apply ``activation`` to ``tensor`` for every reader of it (graph outputs keep their name)."""
     if any(out is tensor for out in graph.outputs):
         raise BadInputError(f"cannot add an activation after graph output '{tensor.name}'")
-    activated = gs.Variable(unique_name(graph, f"{tensor.name}_{kind}"), dtype=tensor.dtype, shape=tensor.shape)
+    tag = activation.tag
+    activated = gs.Variable(unique_name(graph, f"{tensor.name}_{tag}"), dtype=tensor.dtype, shape=tensor.shape)
     readers_before = list(tensor.outputs)
-    nodes = _activation_nodes(graph, kind, tensor, activated)
+    nodes = activation.emit_gs(graph, tensor, activated, opset=opset, name=unique_name(graph, f"{tag}_added"),
+                               dtype=dtype)
     for reader in readers_before:
         for index, value in enumerate(reader.inputs):
             if value is tensor:
                 reader.inputs[index] = activated
     graph.nodes.extend(nodes)
-
-
-def _activation_nodes(graph: gs.Graph, kind: str, source: gs.Variable, target: gs.Variable) -> list[gs.Node]:
-    name = unique_name(graph, f"{kind}_added")
-    if kind == "relu":
-        return [gs.Node("Relu", name=name, inputs=[source], outputs=[target])]
-    if kind == "relu6":
-        low = gs.Constant(unique_name(graph, f"{name}.min"), np.array(0.0, dtype=np.float32))
-        high = gs.Constant(unique_name(graph, f"{name}.max"), np.array(6.0, dtype=np.float32))
-        return [gs.Node("Clip", name=name, inputs=[source, low, high], outputs=[target])]
-    if kind == "hardswish":
-        return [gs.Node("HardSwish", name=name, inputs=[source], outputs=[target])]
-    if kind == "leaky_relu":
-        return [gs.Node("LeakyRelu", name=name, inputs=[source], outputs=[target], attrs={"alpha": 0.01})]
-    if kind == "silu":
-        gate = gs.Variable(unique_name(graph, f"{name}_sigmoid"), dtype=source.dtype)
-        return [gs.Node("Sigmoid", name=f"{name}_sigmoid", inputs=[source], outputs=[gate]),
-                gs.Node("Mul", name=name, inputs=[source, gate], outputs=[target])]
-    raise BadInputError(f"cannot insert a '{kind}' activation; supported: relu, relu6, hardswish, leaky_relu, silu")

@@ -17,7 +17,6 @@ walk has to choose what the hand-written model classes fixed, the conventions ar
 from __future__ import annotations
 
 import itertools
-import math
 from collections import Counter
 from dataclasses import dataclass
 from functools import reduce
@@ -27,17 +26,19 @@ import onnx
 import onnx_graphsurgeon as gs
 from rich.table import Table
 
+from onnxmerge import activations
+from onnxmerge.activations import Activation
 from onnxmerge.conv_algebra import ConvParams
 from onnxmerge.errors import BadInputError
-from onnxmerge.graph import (clip_bounds, conv_params, constant_value, import_graph, is_graph_output, producer,
-                             sole_consumer)
+from onnxmerge.graph import conv_params, constant_value, import_graph, is_graph_output, producer, sole_consumer
 from onnxmerge.runner import input_specs, parse_input_shapes
 from onnxmerge.stats import static_shapes
 
-ACTIVATION_KINDS = ("relu", "relu6", "hardswish", "silu", "leaky_relu", "gelu", "sigmoid", "tanh")
-
-_ONE_NODE_ACTIVATIONS = {"Relu": "relu", "HardSwish": "hardswish", "LeakyRelu": "leaky_relu", "Gelu": "gelu",
-                         "Sigmoid": "sigmoid", "Tanh": "tanh"}
+ACTIVATION_KINDS = activations.KINDS
+# Kinds the table recognises that are not taken as activation slots: a Clip other than ReLU6 stays a break,
+# as it always was here (tests/compress/test_segments.py::test_unknown_nonlinearity_is_a_break pins Clip(0, 4));
+# every other consumer handles it, so removing it from this set is all it takes to merge across such Clips.
+NOT_SLOTS = frozenset({"clip"})
 
 
 @dataclass(frozen=True)
@@ -61,8 +62,9 @@ class Position:
 
     index: int
     tensor: str
-    activation: str | None  # ACTIVATION_KINDS, None if linear
+    activation: str | None  # its kind (ACTIVATION_KINDS), None if linear
     activation_nodes: tuple[str, ...]  # deleted when the activation is removed
+    activation_value: Activation | None = None  # the activation with its parameters (None if linear)
 
 
 @dataclass(frozen=True)
@@ -144,8 +146,9 @@ def analyse_chain(model: onnx.ModelProto, input_shapes: dict | list[str] | None 
             excluded[node.name] = _off_chain_reason(node, skips)
     breaks = _breaks(graph, path, slots, skips, excluded)
     _add_stride_breaks(convs, breaks)
-    positions = [Position(index, _position_tensor(path, slots, index), slot.activation,
-                          tuple(node.name for node in slot.activation_nodes))
+    positions = [Position(index, _position_tensor(path, slots, index),
+                          slot.activation.kind if slot.activation else None,
+                          tuple(node.name for node in slot.activation_nodes), slot.activation)
                  for index, slot in enumerate(slots)]
     segments = [Segment(i, j, _kernel_options(convs[i + 1:j + 1]))
                 for i, j in _valid_segments(len(convs) - 1, breaks, [(s.source, s.target) for s in skips])]
@@ -174,7 +177,8 @@ def inspect_tables(analysis: ChainAnalysis) -> list[Table]:
                  for s in analysis.skips if conv.index in (s.source, s.target)]
         shapes = f"{_dims(conv.input_shape[1:])} -> {_dims(conv.output_shape[1:])}"
         chain.add_row(str(conv.index), conv.node, _describe_kernel(conv.params), shapes,
-                      "yes" if conv.reducible else "", position.activation or "linear", ", ".join(skips),
+                      "yes" if conv.reducible else "",
+                      position.activation_value.name if position.activation_value else "linear", ", ".join(skips),
                       analysis.breaks.get(conv.index, ""))
     tables = [chain]
     if analysis.excluded:
@@ -325,7 +329,7 @@ def _residual_candidates(graph: gs.Graph, flow: _DataFlow, usable: dict) -> dict
 
 @dataclass
 class _Slot:
-    activation: str | None
+    activation: Activation | None
     activation_nodes: list[gs.Node]
     value: gs.Tensor  # the position's value: after the activation, a closing Add and an activation after it
     skip: Skip | None
@@ -354,57 +358,12 @@ def _readers(tensor: gs.Tensor) -> list[gs.Node]:
     return list({id(node): node for node in tensor.outputs}.values())
 
 
-def _activation(graph: gs.Graph, value: gs.Tensor) -> tuple[str | None, list[gs.Node], gs.Tensor]:
-    """The activation slot reading ``value`` and nothing reading it but the slot: (kind, nodes, output)."""
-    readers = _readers(value)
-    if is_graph_output(graph, value) or len(readers) not in (1, 2):
+def _activation(graph: gs.Graph, value: gs.Tensor) -> tuple[Activation | None, list[gs.Node], gs.Tensor]:
+    """The activation slot reading ``value`` and nothing reading it but the slot: (activation, nodes, output)."""
+    found = activations.match_after(graph, value)
+    if found is None or found.activation.kind in NOT_SLOTS:
         return None, [], value
-    if len(readers) == 1:
-        node = readers[0]
-        if node.op == "Clip":
-            kind = "relu6" if clip_bounds(node) == (0.0, 6.0) else None
-        else:
-            kind = _ONE_NODE_ACTIVATIONS.get(node.op)
-        return (kind, [node], node.outputs[0]) if kind else (None, [], value)
-    return _gated_activation(graph, value, readers) or (None, [], value)
-
-
-def _gated_activation(graph: gs.Graph, x: gs.Tensor, readers: list[gs.Node]):
-    """x * gate(x): SiLU (Sigmoid), HardSwish (HardSigmoid 1/6, 0.5), GELU's Erf form (x * (erf(x/sqrt2) + 1)) * 0.5."""
-    muls = [r for r in readers if r.op == "Mul"]
-    for mul in muls:
-        gate_start = next(r for r in readers if r is not mul)
-        gate, tensor = [gate_start], gate_start.outputs[0]
-        while len(gate) < 4 and (follower := sole_consumer(graph, tensor)) is not None and follower is not mul:
-            gate.append(follower)
-            tensor = follower.outputs[0]
-        if sole_consumer(graph, tensor) is not mul or {id(t) for t in mul.inputs} != {id(x), id(tensor)}:
-            continue
-        ops = tuple(node.op for node in gate)
-        output = mul.outputs[0]
-        if ops == ("Sigmoid",):
-            return "silu", [*gate, mul], output
-        if ops == ("HardSigmoid",) and math.isclose(gate[0].attrs.get("alpha", 0.2), 1 / 6, rel_tol=1e-4) \
-                and math.isclose(gate[0].attrs.get("beta", 0.5), 0.5, rel_tol=1e-4):
-            return "hardswish", [*gate, mul], output
-        half = sole_consumer(graph, output)
-        scaled = ("Div", math.sqrt(2)) if ops[0] == "Div" else ("Mul", math.sqrt(0.5))
-        if ops[1:] == ("Erf", "Add") and half is not None and _is_scalar_operand(gate[0], *scaled, x) \
-                and _is_scalar_operand(gate[2], "Add", 1.0, gate[1].outputs[0]) \
-                and _is_scalar_operand(half, "Mul", 0.5, output):
-            return "gelu", [*gate, mul, half], half.outputs[0]
-    return None
-
-
-def _is_scalar_operand(node: gs.Node, op: str, value: float, tensor: gs.Tensor) -> bool:
-    """Whether ``node`` is ``tensor op value`` for a constant scalar (float32-close; either order but for Div)."""
-    if node.op != op or len(node.inputs) != 2 or not any(t is tensor for t in node.inputs):
-        return False
-    if op == "Div" and node.inputs[0] is not tensor:
-        return False
-    constant = constant_value(node.inputs[1] if node.inputs[0] is tensor else node.inputs[0])
-    return constant is not None and constant.size == 1 and math.isclose(float(constant.reshape(())), value,
-                                                                           rel_tol=1e-6)
+    return found.activation, found.nodes, found.output
 
 
 def _position_tensor(path: list[gs.Node], slots: list[_Slot], index: int) -> str:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Iterator
 
 import numpy as np
@@ -21,6 +21,8 @@ import torch.nn.functional as F
 from onnx import helper, numpy_helper
 from torch import nn
 
+from onnxmerge import activations
+from onnxmerge.activations import Activation
 from onnxmerge.errors import BadInputError
 from onnxmerge.graph import constant_value, import_graph
 from onnxmerge.io import io_signature, load_model
@@ -35,6 +37,7 @@ class _Node:
     outputs: tuple[str, ...]
     attrs: dict
     opset: int
+    activation: Activation | None = None  # an activation of the table whose parameters are constants
 
 
 _OPS: dict[str, Callable] = {}
@@ -80,6 +83,18 @@ class OnnxModule(nn.Module):
             tensors = import_graph(proto).tensors()
             for node in constants:
                 self._add(node.output[0], torch.from_numpy(np.array(constant_value(tensors[node.output[0]]))))
+        self._nodes = [self._with_activation(node) for node in self._nodes]
+
+    def _with_activation(self, node: _Node) -> _Node:
+        """The node with its table activation resolved once, when its parameter inputs are constants."""
+        if node.op not in activations.SINGLE_OPS:
+            return node
+        values = []
+        for name in node.inputs[1:]:
+            if name and name not in self._slots:
+                return node  # a parameter computed at run time: resolved on every call instead
+            values.append(getattr(self, self._slots[name]).detach().cpu().numpy() if name else None)
+        return replace(node, activation=activations.from_op(node.op, node.attrs, values))
 
     def _add(self, onnx_name: str, value: torch.Tensor) -> None:
         slot = base = "t_" + re.sub(r"\W", "_", onnx_name)
@@ -299,48 +314,21 @@ def _batch_norm(node, x, scale, bias, mean, var):
     return F.batch_norm(x, mean, var, scale, bias, False, 0.0, node.attrs.get("epsilon", 1e-5))
 
 
-@_op("Relu")
-def _relu(node, x):
-    return F.relu(x)
-
-
-@_op("Clip")
-def _clip(node, x, low=None, high=None):
-    if "min" in node.attrs or "max" in node.attrs:  # opset < 11
-        low, high = node.attrs.get("min"), node.attrs.get("max")
-    if low is None and high is None:
-        return x
-    return torch.clamp(x, low, high)
-
-
-@_op("LeakyRelu")
-def _leaky_relu(node, x):
-    return F.leaky_relu(x, node.attrs.get("alpha", 0.01))
-
-
-@_op("Sigmoid")
-def _sigmoid(node, x):
-    return torch.sigmoid(x)
-
-
-@_op("Tanh")
-def _tanh(node, x):
-    return torch.tanh(x)
-
-
-@_op("HardSigmoid")
-def _hard_sigmoid(node, x):
-    return torch.clamp(x * node.attrs.get("alpha", 0.2) + node.attrs.get("beta", 0.5), 0.0, 1.0)
-
-
-@_op("HardSwish")
-def _hard_swish(node, x):
-    return F.hardswish(x)
-
-
-@_op("Gelu")
-def _gelu(node, x):
-    return F.gelu(x, approximate=node.attrs.get("approximate", "none"))
+@_op(*activations.SINGLE_OPS)
+def _activation(node, x, *params):
+    """Every single-op activation of the table (Relu, Clip, LeakyRelu, PRelu, Sigmoid, Tanh, HardSigmoid,
+    HardSwish, Gelu, Elu, Selu) runs as onnxmerge.activations runs it in torch."""
+    if node.op == "Clip" and not x.is_floating_point():  # an integer Clip (shape arithmetic) keeps its dtype
+        low, high = (node.attrs.get("min"), node.attrs.get("max")) if not params else (list(params) + [None])[:2]
+        return x if low is None and high is None else torch.clamp(x, low, high)
+    activation = node.activation
+    if activation is None:
+        values = [None if p is None else p.detach().cpu().numpy() for p in params]
+        activation = activations.from_op(node.op, node.attrs, values)
+        if activation is None:
+            raise BadInputError(f"cannot run {node.op} with attributes {node.attrs} and non-scalar parameters "
+                                "in torch")
+    return activation.torch_function()(x)
 
 
 @_op("Erf")

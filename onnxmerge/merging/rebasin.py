@@ -19,6 +19,7 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx import numpy_helper
 
+from onnxmerge import activations
 from onnxmerge.errors import BadInputError, VerificationError
 from onnxmerge.graph import constant_value, import_graph, infer_shapes, producer
 from onnxmerge.merging.compat import ModelStructure, model_structure
@@ -26,13 +27,19 @@ from onnxmerge.verify import EquivalenceChecker
 
 FIXED = 0
 DEFAULT_MAX_SWEEPS = 100
-_CARRY_OPS = frozenset({
-    "Relu", "LeakyRelu", "Sigmoid", "Tanh", "HardSigmoid", "HardSwish", "Elu", "Selu", "Celu", "Softplus",
-    "Softsign", "Gelu", "Erf", "Mish", "ThresholdedRelu", "Identity", "Dropout", "Cast", "Neg", "Abs", "Exp",
-    "Log", "Sqrt", "Reciprocal", "Floor", "Ceil", "Round", "Sign",
+# Ops that carry a channel space unchanged: the activation table's elementwise activations with scalar
+# parameters (onnxmerge.activations.PERMUTATION_INVARIANT_OPS; Clip only with constant bounds, see _visit), and
+# other elementwise unary ops. Multi-node activations (x * Sigmoid(x), GELU's Erf form) are covered op by op.
+_CARRY_OPS = activations.PERMUTATION_INVARIANT_OPS | frozenset({
+    "Celu", "Softplus", "Softsign", "Erf", "Mish", "ThresholdedRelu", "Identity", "Dropout", "Cast", "Neg", "Abs",
+    "Exp", "Log", "Sqrt", "Reciprocal", "Floor", "Ceil", "Round", "Sign",
 })
 _POOL_OPS = frozenset({"MaxPool", "AveragePool", "LpPool", "GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool"})
-_ELEMENTWISE_OPS = frozenset({"Add", "Sub", "Mul", "Div", "Max", "Min", "Sum", "Mean", "PRelu", "Pow"})
+# Binary elementwise ops: a constant operand indexed by the channel axis joins the space and is permuted with it.
+# PRelu (activations.PER_CHANNEL_PARAM_OPS) is one: its per-channel slope is permuted like a per-channel Mul's
+# constant, a scalar slope broadcasts and stays.
+_ELEMENTWISE_OPS = frozenset({"Add", "Sub", "Mul", "Div", "Max", "Min", "Sum", "Mean", "Pow"}) | \
+    activations.PER_CHANNEL_PARAM_OPS
 _REDUCE_OPS = frozenset({"ReduceMean", "ReduceMax", "ReduceMin", "ReduceSum", "ReduceL1", "ReduceL2",
                          "ReduceLogSumExp", "ReduceProd", "ReduceSumSquare"})
 _SHAPE_ONLY_OPS = frozenset({"Shape", "Size"})  # read a tensor without depending on its channel order
@@ -208,7 +215,7 @@ class _ChannelAnalysis:
         op = node.op
         if op in _SHAPE_ONLY_OPS or op == "Constant":
             return
-        if op in _CARRY_OPS or op == "Clip":
+        if op in _CARRY_OPS:
             if op == "Clip" and any(self._stored(t) is None for t in node.inputs[1:] if t.name):
                 return self._block(node)
             return self._carry(node.inputs[0], node.outputs[0])
