@@ -14,7 +14,7 @@ import re
 
 from onnxmerge.errors import BadInputError
 
-# Library parameter names → the flag a CLI user typed, for error messages.
+# Library messages name parameters as ``name=`` (``force=True``, ``speedup=``); the CLI shows the flag instead.
 FLAG_FOR_PARAMETER = {
     "input_shapes": "--input-shape",
     "overwrite_input_shapes": "--overwrite-input-shape",
@@ -30,16 +30,35 @@ FLAG_FOR_PARAMETER = {
     "latency_budget_ms": "--latency-budget",
     "calibration": "--calib",
     "recover_steps": "--recover-steps",
+    "recover": "--no-recover",
+    "plan": "--plan",
     "jobs": "--jobs",
     "force": "--force",
+    "base": "--base",
+    "weights": "--weights",
+    "density": "--density",
+    "method": "--method",
+    "evaluation": "--eval",
+    "executor": "--executor",
+    "config": "--config",
+    "ray_address": "--ray-address",
 }
-_PARAMETER = re.compile(r"\b(" + "|".join(sorted(FLAG_FOR_PARAMETER, key=len, reverse=True)) + r")\b")
+_PARAMETER = re.compile(r"\b(" + "|".join(sorted(FLAG_FOR_PARAMETER, key=len, reverse=True))
+                        + r")=(True\b|False\b|'[^']*'|\S?)")
 
 
 def to_cli_terms(message: str) -> str:
-    """A library message with parameter names replaced by the flags that set them (``force=True`` too)."""
-    message = message.replace("force=True", "--force")
-    return _PARAMETER.sub(lambda match: FLAG_FOR_PARAMETER[match.group(1)], message)
+    """A library message with ``name=`` parameter references replaced by the flags that set them:
+    ``force=True`` → ``--force``, ``method='weighted'`` → ``--method weighted``, ``speedup=`` → ``--speedup``."""
+    def flag(match: re.Match) -> str:
+        name, value = match.group(1), match.group(2)
+        if value in ("True", "False"):
+            return FLAG_FOR_PARAMETER[name]
+        if value.startswith("'"):
+            return f"{FLAG_FOR_PARAMETER[name]} {value.strip(chr(39))}"
+        return FLAG_FOR_PARAMETER[name] + (f" {value}" if value and not value.isspace() and value not in ",.;)" else value)
+
+    return _PARAMETER.sub(flag, message)
 
 
 def parse_input_shapes(specs: list[str] | None) -> dict[str | None, tuple[int, ...]]:

@@ -415,7 +415,7 @@ def staged_model(
     """
     out = Path(path)
     if input_path is not None and out.resolve() == Path(input_path).resolve() and not force:
-        raise BadInputError(f"refusing to overwrite the input model {out}; pass --force (force=True) to allow it")
+        raise BadInputError(f"refusing to overwrite the input model {out}; pass force=True to allow it")
     if not out.parent.is_dir():
         raise BadInputError(f"output folder does not exist: {out.parent}")
     if external_data is None:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import operator
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -31,7 +31,7 @@ from onnxmerge.graph import conv_params, import_graph, weight_dtype
 from onnxmerge.io import ModelLike, clamp_ir_version, load_model
 from onnxmerge.profiler import profile
 from onnxmerge.report import write_json
-from onnxmerge.runner import check_timing_options, input_specs, parse_input_shapes
+from onnxmerge.runner import check_timing_options, input_specs
 from onnxmerge.stats import static_shapes
 from onnxmerge.timing import LatencyStats
 
@@ -269,7 +269,7 @@ def _read_entry(path: Path, key: str, runs: int) -> LatencyStats | None:
     return stats if entry.get("key") == key and stats.runs >= runs else None
 
 
-def conv_signatures(model: ModelLike, input_shapes: dict | list[str] | None = None) -> list[tuple[str, ConvSignature]]:
+def conv_signatures(model: ModelLike, input_shapes: Mapping[str | None, Sequence[int]] | None = None) -> list[tuple[str, ConvSignature]]:
     """Each Conv node's signature at static shapes, with the activation it feeds alone, in graph order.
 
     Nodes are named as :func:`onnxmerge.stats.node_costs` names them (``Conv_<index>`` when unnamed).
@@ -278,7 +278,7 @@ def conv_signatures(model: ModelLike, input_shapes: dict | list[str] | None = No
     (every form of the table: a Gelu node or its Erf pattern, x * Sigmoid(x), Clip with any bounds...).
     """
     proto = load_model(model).proto
-    shapes = parse_input_shapes(input_shapes) if isinstance(input_shapes, list) else input_shapes
+    shapes = dict(input_shapes) if input_shapes else None
     tensor_shapes = static_shapes(proto, {spec.name: spec.shape for spec in input_specs(proto, shapes)})
     graph = import_graph(proto)
     found = []
@@ -300,7 +300,7 @@ def conv_signatures(model: ModelLike, input_shapes: dict | list[str] | None = No
     return found
 
 
-def additivity(model: ModelLike, input_shapes: dict | list[str] | None = None, *, provider: str = "cpu",
+def additivity(model: ModelLike, input_shapes: Mapping[str | None, Sequence[int]] | None = None, *, provider: str = "cpu",
                threads: int = 1, opt_level: str = "all", runs: int = 30, warmup: int = 10,
                cache_dir: str | Path | None = None, fingerprint: str | None = None) -> dict:
     """How well the table's sum predicts the whole model, under the same settings.

@@ -152,10 +152,10 @@ def preflight_output(output: str | os.PathLike, prepared: PreparedModel, *, forc
     if out.exists() and not os.access(out, os.W_OK):
         raise BadInputError(f"output file is not writable: {out}")
     if prepared.path is not None and out.resolve() == prepared.path.resolve() and not force:
-        raise BadInputError(f"refusing to overwrite the input model {out}; pass --force (force=True) to allow it")
+        raise BadInputError(f"refusing to overwrite the input model {out}; pass force=True to allow it")
     if external_data is not False and not force:
         data_file = (folder / (out.name + ".data")).resolve()
         if data_file in prepared.input_data_files:
             raise BadInputError(f"writing {out} would overwrite {data_file.name}, the input's external data; "
-                                "choose another output name or pass --force (force=True)")
+                                "choose another output name or pass force=True")
     return out

@@ -197,12 +197,12 @@ def input_specs(model: onnx.ModelProto, overrides: dict[str | None, tuple[int, .
     inputs = [v for v in model.graph.input if v.name not in initializer_names]
     if None in overrides:
         if len(inputs) != 1:
-            raise BadInputError("--input-shape without a name needs a single-input model; use name:dims")
+            raise BadInputError("input_shapes= without an input name needs a single-input model")
         overrides[inputs[0].name] = overrides.pop(None)
     unknown = set(overrides) - {v.name for v in inputs}
     if unknown:
         raise BadInputError(
-            f"--input-shape names unknown input(s) {sorted(unknown)}; model inputs: {[v.name for v in inputs]}"
+            f"input_shapes= names unknown input(s) {sorted(unknown)}; model inputs: {[v.name for v in inputs]}"
         )
     specs = []
     for value in inputs:
@@ -213,12 +213,12 @@ def input_specs(model: onnx.ModelProto, overrides: dict[str | None, tuple[int, .
             shape = overrides[value.name]
             if len(shape) != len(declared):
                 raise BadInputError(
-                    f"--input-shape for '{value.name}' has rank {len(shape)}, the model declares rank {len(declared)}"
+                    f"input_shapes= for '{value.name}' has rank {len(shape)}, the model declares rank {len(declared)}"
                 )
             for axis, (dim, want) in enumerate(zip(declared, shape)):
                 if not is_dynamic_dim(dim) and dim.dim_value != want:
                     raise BadInputError(
-                        f"--input-shape for '{value.name}' sets dim {axis} to {want}, the model fixes it to {dim.dim_value}"
+                        f"input_shapes= for '{value.name}' sets dim {axis} to {want}, the model fixes it to {dim.dim_value}"
                     )
             specs.append(InputSpec(value.name, dtype, tuple(shape), []))
             continue

@@ -127,3 +127,23 @@ def test_refuses_to_overwrite_input_unless_forced(model_path):
     assert model_path.read_bytes() == before
     assert _cli("fold", model_path, model_path, "--force").returncode == 0
     assert op_types(onnx.load(model_path)) == ["Conv", "Relu"]
+
+
+def test_library_errors_name_parameters_and_the_cli_names_flags(tmp_path):
+    """The API says ``force=True``/``input_shapes=``; the same refusal on the command line names the flag."""
+    import onnxmerge
+    from onnxmerge.cli_options import to_cli_terms
+    from onnxmerge.errors import BadInputError
+
+    g = GraphBuilder((1, 3, 8, 8))
+    path = save_model(g.build(g.conv("x", 3, 4)), tmp_path / "m.onnx")
+    with pytest.raises(BadInputError, match=r"force=True"):
+        onnxmerge.fold(str(path), str(path))
+    with pytest.raises(BadInputError, match=r"input_shapes= names unknown input"):
+        onnxmerge.fold(str(path), str(tmp_path / "o.onnx"), input_shapes={"y": (1, 3, 8, 8)})
+    result = _cli("fold", path, path)
+    assert result.returncode == 2 and "--force" in result.stderr and "force=True" not in result.stderr
+    result = _cli("fold", path, tmp_path / "o.onnx", "--input-shape", "y:1,3,8,8")
+    assert result.returncode == 2 and "--input-shape names unknown input" in result.stderr
+    assert to_cli_terms("use method='weighted'") == "use --method weighted"
+    assert to_cli_terms("speedup=0.9 must be > 1") == "--speedup 0.9 must be > 1"

@@ -79,7 +79,7 @@ def load_config(path: str | Path, pipeline: Pipeline) -> BatchConfig:
         try:
             import tomli as tomllib
         except ModuleNotFoundError:
-            raise BadInputError("reading --config needs Python 3.11+ or `pip install tomli`") from None
+            raise BadInputError("reading config= needs Python 3.11+ or `pip install tomli`") from None
     path = Path(path)
     try:
         data = tomllib.loads(path.read_text())

@@ -51,7 +51,7 @@ class RayExecutor:
         try:
             import ray
         except ImportError:
-            raise BadInputError("--executor ray needs Ray, which is not installed: pip install 'onnxmerge[ray]'") \
+            raise BadInputError("executor='ray' needs Ray, which is not installed: pip install 'onnxmerge[ray]'") \
                 from None
         self._ray, self._address = ray, address
         self._owns_ray = False

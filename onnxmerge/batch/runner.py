@@ -136,7 +136,7 @@ def _check_arguments(in_dir: Path, out_dir: Path, jobs: int, timeout: float, exe
     if executor not in EXECUTORS:
         raise BadInputError(f"unknown executor '{executor}'; choose from: {', '.join(EXECUTORS)}")
     if ray_address and executor != "ray":
-        raise BadInputError("--ray-address needs --executor ray")
+        raise BadInputError("ray_address= needs executor='ray'")
 
 
 def _memory_limit(value: int | str | None, jobs: int) -> int | None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import itertools
 from collections import Counter
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import reduce
 
@@ -31,7 +32,7 @@ from onnxmerge.activations import Activation
 from onnxmerge.conv_algebra import ConvParams
 from onnxmerge.errors import BadInputError
 from onnxmerge.graph import conv_params, constant_value, import_graph, is_graph_output, producer, sole_consumer
-from onnxmerge.runner import input_specs, parse_input_shapes
+from onnxmerge.runner import input_specs
 from onnxmerge.stats import static_shapes
 
 ACTIVATION_KINDS = activations.KINDS
@@ -108,10 +109,10 @@ class ChainAnalysis:
         return sum(len(segment.options) for segment in self.segments)
 
 
-def analyse_chain(model: onnx.ModelProto, input_shapes: dict | list[str] | None = None) -> ChainAnalysis:
+def analyse_chain(model: onnx.ModelProto, input_shapes: Mapping[str | None, Sequence[int]] | None = None) -> ChainAnalysis:
     """The chain, skips, breaks and segments of a canonicalised model at static input shapes.
 
-    ``input_shapes`` is ``{name: dims}`` (name None for a single input) or ``--input-shape`` strings; it
+    ``input_shapes`` is ``{name: dims}`` (name None for a single input); it
     is required where a model input has a dynamic dimension, since kernel options depend on map sizes.
     """
     shapes = _static_shapes(model, input_shapes)
@@ -207,13 +208,13 @@ def inspect_tables(analysis: ChainAnalysis) -> list[Table]:
 
 
 def _static_shapes(model: onnx.ModelProto, input_shapes) -> dict[str, tuple[int, ...]]:
-    overrides = parse_input_shapes(input_shapes) if isinstance(input_shapes, list) else dict(input_shapes or {})
+    overrides = dict(input_shapes or {})
     specs = input_specs(model, overrides)
     dynamic = [spec.name for spec in specs if spec.assumed]
     if dynamic:
-        example = f"{dynamic[0]}:{','.join(map(str, specs[0].shape))}"
+        example = f"{{{dynamic[0]!r}: {tuple(specs[0].shape)}}}"
         raise BadInputError(f"model input(s) {dynamic} have dynamic dimensions; kernel options depend on map sizes, "
-                            f"so pass --input-shape (e.g. --input-shape {example})")
+                            f"so pass input_shapes= (e.g. {example})")
     return static_shapes(model, {spec.name: spec.shape for spec in specs})
 
 

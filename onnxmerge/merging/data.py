@@ -75,7 +75,7 @@ def make_scorer(metric: str | ModelScore, eval_data: DataLike | None, template: 
         raise BadInputError(f"unknown metric '{metric}'; choose from {', '.join(BUILTIN_METRICS)} "
                             "(or pass a callable through the API)")
     if eval_data is None:
-        raise BadInputError(f"metric '{metric}' needs evaluation data (--eval data.npz with a '{LABELS_KEY}' array)")
+        raise BadInputError(f"metric '{metric}' needs evaluation data (evaluation= data with a '{LABELS_KEY}' array)")
     dataset = load_dataset(eval_data, template, what="--eval", need_labels=True)
     function, higher_is_better = BUILTIN_METRICS[metric]
 

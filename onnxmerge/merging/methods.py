@@ -37,16 +37,16 @@ class MergeSpec:
             raise BadInputError(f"unknown method '{method}'; choose from {', '.join(METHODS)}")
         needs_base = method in BASE_METHODS
         if needs_base and not has_base:
-            raise BadInputError(f"method '{method}' works on task vectors and needs a base model (--base)")
+            raise BadInputError(f"method '{method}' works on task vectors and needs a base model (base=)")
         if has_base and not needs_base:
-            raise BadInputError(f"--base is used only by {', '.join(BASE_METHODS)}, not by '{method}'")
+            raise BadInputError(f"base= is used only by {', '.join(BASE_METHODS)}, not by '{method}'")
         if n_models < (1 if needs_base else 2):
             raise BadInputError(f"method '{method}' needs at least {1 if needs_base else 2} input models")
         if weights is not None and method in ("uniform", "greedy"):
-            raise BadInputError(f"--weights is not used by '{method}' (use --method weighted)")
+            raise BadInputError(f"weights= is not used by '{method}' (use method='weighted')")
         if weights is None:
             if method == "weighted":
-                raise BadInputError("method 'weighted' needs --weights, one per model")
+                raise BadInputError("method 'weighted' needs weights=, one per model")
             weights = [1.0] * n_models
         weights = tuple(float(w) for w in weights)
         if len(weights) != n_models:
@@ -56,7 +56,7 @@ class MergeSpec:
         if method == "weighted" and sum(weights) == 0:
             raise BadInputError("the weights sum to zero; a weighted average needs a non-zero total")
         if density is not None and method not in ("ties", "dare"):
-            raise BadInputError(f"--density is used only by ties and dare, not by '{method}'")
+            raise BadInputError(f"density= is used only by ties and dare, not by '{method}'")
         density = DEFAULT_DENSITY if density is None else float(density)
         if not 0 < density <= 1:
             raise BadInputError(f"density must be in (0, 1] (got {density})")

@@ -66,7 +66,7 @@ def test_compress_keeps_each_activation_with_its_parameters(name, tmp_path, monk
     assert priced == {a.name for a in original}
 
     result = compress(model, tmp_path / "out.onnx", calibration=tmp_path / "calib.npz", speedup=1.05,
-                      recover_steps=5, runs=3, input_shapes=["input:1,1,16,16"])
+                      recover_steps=5, runs=3, input_shapes={"input": (1, 1, 16, 16)})
     compressed = onnx.load(tmp_path / "out.onnx")
     outputs = make_session(compressed).run(None, {"input": test_images})[0]
     assert outputs.shape == (8, 10) and np.isfinite(outputs).all()

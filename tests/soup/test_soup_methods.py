@@ -210,10 +210,10 @@ def test_opened_inputs_hold_structure_only_so_merging_streams(tmp_path):
 
 def test_bad_options_and_overwriting_an_input_are_refused(three_models):
     cases = [
-        (dict(method="weighted"), "needs --weights"),
+        (dict(method="weighted"), "needs weights="),
         (dict(method="weighted", weights=[1, 2]), "2 weight(s) for 3 model(s)"),
         (dict(method="ties"), "needs a base model"),
-        (dict(method="uniform", base=three_models[0]), "--base is used only by"),
+        (dict(method="uniform", base=three_models[0]), "base= is used only by"),
         (dict(method="dare", base=three_models[0], density=1.5), "density must be in (0, 1]"),
         (dict(method="greedy"), "needs evaluation data"),
         (dict(method="median"), "unknown method 'median'"),
