@@ -90,14 +90,14 @@ def _reason(exc: BaseException) -> str:
 
 
 def _verification_summary(report: dict) -> dict:
-    verification = report.get("verification", {})
+    verification = report.get("verification") or {}
     return {"passed": bool(verification.get("passed")), "max_abs_error": verification.get("max_abs_error")}
 
 
 def run_onnxmerge(path: Path) -> tuple[onnx.ModelProto, dict]:
     """onnxmerge as a user calls it: file in, file out, verified in ORT before it is written."""
     result = onnxmerge.fold(path, path.with_suffix(".onnxmerge.onnx"))
-    return result.proto, {"verification": _verification_summary(result.report)}
+    return result.proto, {"verification": _verification_summary(result.to_dict())}
 
 
 def run_onnxslim(path: Path) -> tuple[onnx.ModelProto, dict]:

@@ -53,7 +53,7 @@ def run(runs: int, folder: Path) -> dict:
         path = _export(name, folder, (1, 3, 224, 224), dynamic_batch=True)
         for batch, batch_runs in ((1, runs), (32, max(5, runs // 10))):
             report = profile(path, runs=batch_runs, warmup=3 if batch > 1 else 10,
-                             input_shapes=[f"input:{batch},3,224,224"])
+                             input_shapes={"input": (batch, 3, 224, 224)})
             zoo.append({"model": name, "batch": batch, "runs": batch_runs, "latency": report["latency"],
                         "peak_rss_bytes": report["memory"]["peak_rss_bytes"]})
     return {

@@ -163,7 +163,7 @@ def bench_digits(folder: Path) -> dict:
     ]
     for name, options in configurations:
         result = soup(family.finetunes, **options)
-        kept = result.report.get("greedy", {}).get("kept")
+        kept = (result.greedy or {}).get("kept")
         row(name, result.model, **({"kept": [Path(p).stem for p in kept]} if kept else {}))
     pairs = []
     for label, nets, options in (("MLP 256-128-128-10", family.independent_mlps, {}),
@@ -174,8 +174,7 @@ def bench_digits(folder: Path) -> dict:
         aligned = soup(nets, align=True, **options)
         pairs.append({"models": label, "singles": singles, "naive": _scores(naive, family.test),
                       "aligned": _scores(aligned.model, family.test),
-                      "cosine": [aligned.report["alignment"][0]["cosine_before"],
-                                 aligned.report["alignment"][0]["cosine_after"]]})
+                      "cosine": [aligned.alignment[0]["cosine_before"], aligned.alignment[0]["cosine_after"]]})
     return {"methods": rows, "alignment": pairs, "held_out": {"val": len(val[1]), "test": len(family.test[1])}}
 
 

@@ -6,7 +6,6 @@ import hashlib
 import json
 import os
 import warnings
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import onnx
@@ -17,27 +16,10 @@ from onnxmerge.io import ModelLike, io_signature, iter_tensors, staged_model
 from onnxmerge.pass_framework import PassOptions
 from onnxmerge.pipeline import run_pipeline, select_passes
 from onnxmerge.prepared import InputShapes, prepare, preflight_output
+from onnxmerge.results import FoldResult
 from onnxmerge.stats import model_stats
 from onnxmerge.verify import DEFAULT_ATOL, DEFAULT_CHECK_N, DEFAULT_RTOL, EquivalenceChecker
 from onnxmerge.version import __version__
-
-
-@dataclass
-class FoldResult:
-    """``model`` has the type that was given: a ModelProto, or the Path the result was written to.
-
-    ``proto`` is the result; for a file input it is the model as written, so when that has external data
-    its large tensors reference the output's data file (``onnx.load_external_data_for_model(proto,
-    output_folder)`` reads them in).
-    """
-
-    model: onnx.ModelProto | Path
-    proto: onnx.ModelProto
-    report: dict = field(default_factory=dict)
-
-    @property
-    def verified(self) -> bool:
-        return bool(self.report.get("verification", {}).get("passed"))
 
 
 def fold(
@@ -85,31 +67,25 @@ def fold(
     if output is not None:  # before any work: a bad output path fails in a second, not after the passes
         output = preflight_output(output, prepared, force=force, external_data=external_data)
     shapes = prepared.input_shapes
-    report: dict = {
-        "onnxmerge_version": __version__,
-        "input": str(prepared.path) if prepared.path else None,
-        "passes": pass_names,
-        "warnings": [],
-        "canonicalization": prepared.notes,
-        "before": model_stats(original, shapes),
-    }
+    result = FoldResult(input=str(prepared.path) if prepared.path else None, passes=pass_names,
+                        canonicalization=prepared.notes, before=model_stats(original, shapes))
     with prepared.weights():
         if prepared.quantized:
             message = "quantized model (QLinear*/QuantizeLinear ops): passed through unchanged"
             warnings.warn(message, stacklevel=2)
-            report["warnings"].append(message)
+            result.warnings.append(message)
             result_proto, verify = prepared.proto, None
-            report["verification"] = {"passed": True, "skipped": "model unchanged"}
+            result.verification = {"passed": True, "skipped": "model unchanged"}
         else:
             options = PassOptions(allow_costlier_merges=allow_costlier_merges,
                                   fold_size_limit_bytes=fold_size_limit_bytes)
             run = run_pipeline(original, pass_names, options)
             result_proto = run.model
-            report["rewrites"] = run.rewrites_per_pass()
-            report["rounds"], report["converged"] = run.rounds, run.converged
-            report["refusals"] = run.refusals_dict()
+            result.rewrites = run.rewrites_per_pass()
+            result.rounds, result.converged = run.rounds, run.converged
+            result.refusals = run.refusals_dict()
             if not run.converged:
-                report["warnings"].append(f"pipeline did not reach a fixed point in {run.rounds} rounds")
+                result.warnings.append(f"pipeline did not reach a fixed point in {run.rounds} rounds")
             n_steps = len(run.steps)
             del run
 
@@ -118,33 +94,35 @@ def fold(
                                              specs=prepared.specs, seed=seed, noise_floor=noise_floor,
                                              reference_path=reference_path, base_dir=base_dir)
                 verification = checker.check(candidate)
-                report["verification"] = verification.to_dict()
+                result.verification = verification.to_dict()
                 _check_signature(original, result_proto)
                 if not verification.passed:
                     culprit = _first_failing_pass(original, pass_names, options, checker, n_steps)
-                    report["verification"]["first_failing_pass"] = culprit
+                    result.verification["first_failing_pass"] = culprit
                     raise VerificationError(
                         f"verification failed after pass '{culprit}': {verification.failure}; nothing was written",
-                        report)
+                        result.to_dict())
 
         if output is None:
             if verify is not None:
                 verify(result_proto)
-            report["after"] = model_stats(result_proto, shapes)
-            return FoldResult(model=result_proto, proto=result_proto, report=report)
+            result.after = model_stats(result_proto, shapes)
+            result.model = result.proto = result_proto
+            return result
         # What is verified is the file that will be published: written into a staging folder beside the
         # output, loaded by ORT from there, moved into place only when it passed (else removed).
         with staged_model(result_proto, output, input_path=prepared.path, force=force, external_data=external_data,
                           base_dir=base_dir) as staged:
             if verify is not None:
                 verify(staged.path)
-            report["after"] = model_stats(staged.proto, shapes)
+            result.after = model_stats(staged.proto, shapes)
             written = staged.publish()
-    report["output"] = str(written)
+    result.output = str(written)
     if isinstance(model, onnx.ModelProto):
-        return FoldResult(model=result_proto, proto=result_proto, report=report)
-    # For a file, the proto is the model as written: large tensors reference the output's data file.
-    return FoldResult(model=written, proto=staged.proto, report=report)
+        result.model = result.proto = result_proto
+    else:  # for a file, the proto is the model as written: large tensors reference the output's data file
+        result.model, result.proto = written, staged.proto
+    return result
 
 
 def _check_signature(original: onnx.ModelProto, result: onnx.ModelProto) -> None:

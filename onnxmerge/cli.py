@@ -119,55 +119,54 @@ def _run_fold(args: argparse.Namespace, console: Console) -> int:
                       external_data=True if args.external_data else None,
                       overwrite_input_shapes=input_shapes(args, "overwrite_input_shape"),
                       fold_size_limit_bytes=args.fold_size_limit)
-    report = result.report
-    console.print(fold_table(report))
-    for note in report["verification"].get("assumptions", []):
+    console.print(fold_table(result))
+    for note in (result.verification or {}).get("assumptions", []):
         console.print(f"note: {note}", highlight=False)
-    for warning in report["warnings"]:
+    for warning in result.warnings:
         console.print(f"[yellow]warning:[/] {warning}", highlight=False)
     if args.explain:
-        print_explain(console, report.get("refusals", {}))
+        print_explain(console, result.refusals or {})
     if args.bench:
         from onnxmerge.profiler import compare
 
-        report["bench"] = compare(args.input, report["output"], input_shapes=input_shapes(args))
-        console.print(speedup_line(report["bench"]), highlight=False)
+        result.bench = compare(args.input, result.output, input_shapes=input_shapes(args))
+        console.print(speedup_line(result.bench), highlight=False)
     if args.json:
-        write_json(report, args.json)
-    console.print(f"verified on {args.check_n} input set(s); wrote {report['output']}", highlight=False)
+        write_json(result, args.json)
+    console.print(f"verified on {args.check_n} input set(s); wrote {result.output}", highlight=False)
     return EXIT_OK
 
 
 def _run_profile(args: argparse.Namespace, console: Console) -> int:
     from onnxmerge.profiler import profile
     from onnxmerge.report import profile_tables, write_json
+    from onnxmerge.results import ProfileResult
 
-    report = profile(args.model, runtime_settings(args), input_shapes=input_shapes(args), seed=args.seed,
-                     per_node=args.per_node, trace=args.trace)
-    for table in profile_tables(report, top=args.top):
+    result = ProfileResult.from_report(profile(args.model, runtime_settings(args), input_shapes=input_shapes(args),
+                                               seed=args.seed, per_node=args.per_node, trace=args.trace))
+    for table in profile_tables(result, top=args.top):
         console.print(table)
-    for note in report["assumptions"]:
+    for note in result.assumptions:
         console.print(f"note: {note}", highlight=False)
     if args.json:
-        write_json(report, args.json)
+        write_json(result, args.json)
     return EXIT_OK
 
 
 def _run_compare(args: argparse.Namespace, console: Console) -> int:
     from onnxmerge.profiler import compare
     from onnxmerge.report import compare_table, speedup_line, write_json
+    from onnxmerge.results import CompareResult
 
-    report = compare(args.model_a, args.model_b, runtime_settings(args), input_shapes=input_shapes(args),
-                     seed=args.seed)
-    console.print(compare_table(report))
-    console.print(speedup_line(report), highlight=False)
-    for note in report["assumptions"]:
+    result = CompareResult.from_report(compare(args.model_a, args.model_b, runtime_settings(args),
+                                               input_shapes=input_shapes(args), seed=args.seed))
+    console.print(compare_table(result))
+    console.print(speedup_line(result), highlight=False)
+    for note in result.assumptions:
         console.print(f"note: {note}", highlight=False)
     if args.json:
-        write_json(report, args.json)
+        write_json(result, args.json)
     return EXIT_OK
-
-
 
 
 def main(argv: list[str] | None = None) -> int:

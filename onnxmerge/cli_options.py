@@ -30,7 +30,7 @@ FLAG_FOR_PARAMETER = {
     "latency_budget_ms": "--latency-budget",
     "calibration": "--calib",
     "recover_steps": "--recover-steps",
-    "recover": "--no-recover",
+    "recover": "--no-recover",  # only ever written as recover=False
     "plan": "--plan",
     "jobs": "--jobs",
     "force": "--force",
@@ -42,6 +42,7 @@ FLAG_FOR_PARAMETER = {
     "executor": "--executor",
     "config": "--config",
     "ray_address": "--ray-address",
+    "pipeline": "--pipeline",
 }
 _PARAMETER = re.compile(r"\b(" + "|".join(sorted(FLAG_FOR_PARAMETER, key=len, reverse=True))
                         + r")=(True\b|False\b|'[^']*'|\S?)")

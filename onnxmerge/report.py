@@ -1,4 +1,5 @@
-"""Human (rich) and machine (JSON) renderings of a report dict; no logic about what the numbers mean."""
+"""Human (rich) and machine (JSON) renderings of a result or its report dict; no logic about what the numbers
+mean, and no measuring: these functions only format what the result holds (see :mod:`onnxmerge.results`)."""
 
 from __future__ import annotations
 
@@ -36,8 +37,15 @@ def _delta_style(before, after) -> str:
     return "green" if after < before else "red"
 
 
-def fold_table(report: dict) -> Table:
-    before, after = report["before"], report.get("after", {})
+def as_report(result) -> dict:
+    """A typed result's ``to_dict()``, or the report dict as given."""
+    return result.to_dict() if hasattr(result, "to_dict") else result
+
+
+def fold_table(result) -> Table:
+    """Op counts and statistics before/after of a :class:`~onnxmerge.results.FoldResult` (or its dict)."""
+    report = as_report(result)
+    before, after = report["before"], report.get("after") or {}
     table = Table(title="onnxmerge fold", show_lines=False)
     table.add_column("")
     table.add_column("original", justify="right")
@@ -52,7 +60,7 @@ def fold_table(report: dict) -> Table:
         b, a = before.get(key), after.get(key)
         style = _delta_style(b, a)
         table.add_row(label, fmt(b), f"[{style}]{fmt(a)}[/]" if style else fmt(a))
-    verification = report.get("verification", {})
+    verification = report.get("verification") or {}
     if "max_abs_error" in verification:
         table.add_section()
         table.add_row("max abs error", "", f"{verification['max_abs_error']:.3g}")
@@ -90,9 +98,10 @@ def json_report_on_failure(path: str | os.PathLike | None):
         raise
 
 
-def write_json(report: dict, path: str | os.PathLike) -> None:
-    """Atomic like every other write: a half-written report is worse than none."""
-    atomic_write_bytes(path, json.dumps(report, indent=2, default=str).encode())
+def write_json(report, path: str | os.PathLike) -> None:
+    """Atomic like every other write: a half-written report is worse than none. ``report`` is a dict or a
+    typed result (written as its ``to_dict()``)."""
+    atomic_write_bytes(path, json.dumps(as_report(report), indent=2, default=str).encode())
 
 
 def _latency_row(table: Table, label: str, stats: dict) -> None:
@@ -107,7 +116,8 @@ def _latency_table(title: str) -> Table:
     return table
 
 
-def profile_tables(report: dict, top: int = 15) -> list[Table]:
+def profile_tables(result, top: int = 15) -> list[Table]:
+    report = as_report(result)
     env = report["environment"]
     latency = _latency_table(f"{report['model'] or 'model'} — {', '.join(report['session']['providers'][:1])}, "
                              f"{env['threads']} thread(s), opt level {env['opt_level']}")
@@ -128,7 +138,8 @@ def profile_tables(report: dict, top: int = 15) -> list[Table]:
     return tables
 
 
-def compare_table(report: dict) -> Table:
+def compare_table(result) -> Table:
+    report = as_report(result)
     env = report["environment"]
     table = _latency_table(f"interleaved, {env['threads']} thread(s), opt level {env['opt_level']}")
     _latency_row(table, f"A {report['a'] or ''}", report["latency_a"])
@@ -136,8 +147,8 @@ def compare_table(report: dict) -> Table:
     return table
 
 
-def speedup_line(report: dict) -> str:
-    speedup = report["speedup"]
+def speedup_line(result) -> str:
+    speedup = as_report(result)["speedup"]
     return (f"speed-up of B over A: {speedup['median']:.3f}x median of per-round ratios "
             f"(p10 {speedup['p10']:.3f}, p90 {speedup['p90']:.3f})")
 

@@ -1,7 +1,8 @@
 """What a batch does to each model, chosen by name (``--pipeline fold`` or ``compress``).
 
 A pipeline's ``run`` executes inside the isolated worker process: ``run(source, output, options)`` writes
-``output`` (or raises one of onnxmerge's errors) and returns the report dict. ``option_types`` are the
+``output`` (or raises one of onnxmerge's errors) and returns the command's typed result as ``to_dict()``
+(:mod:`onnxmerge.results`: the core every command shares, then its own fields). ``option_types`` are the
 per-model settings a batch config may give it, checked before any worker starts.
 """
 
@@ -26,7 +27,7 @@ class Pipeline:
 def _fold(source: Path, output: Path, options: dict) -> dict:
     from onnxmerge.api import fold
 
-    return fold(source, output, **options).report
+    return fold(source, output, **options).to_dict()
 
 
 def _check_fold(options: dict) -> None:
@@ -36,28 +37,10 @@ def _check_fold(options: dict) -> None:
 
 
 def _compress(source: Path, output: Path, options: dict) -> dict:
-    """LayerMerge compression, its report shaped like fold's (before/after, verification, bench)."""
-    from onnxmerge.io import load_model
+    """LayerMerge compression; its result fills the core itself (statistics, bench, verification None)."""
     from onnxmerge.layermerge.api import compress
-    from onnxmerge.runner import input_specs
-    from onnxmerge.stats import model_stats
 
-    options = dict(options)
-    calibration = options.pop("calibration")
-    given = {name: tuple(dims) for name, dims in options.pop("input_shapes", {}).items()}
-    result = compress(source, output, calibration=calibration, input_shapes=given or None, **options)
-    report = result.report
-    original = load_model(source).proto
-    shapes = {spec.name: spec.shape for spec in input_specs(original, given)}
-    fidelity = report["fidelity"]
-    return report | {
-        "before": model_stats(original, shapes), "after": model_stats(result.proto, shapes),
-        # Compression changes the function on purpose: "verified" means the written ONNX is exactly the
-        # trained network; the error columns compare it with the original on held-out calibration inputs.
-        "verification": {"passed": True, "max_abs_error": fidelity["max_abs_error"],
-                         "top1_agreement": fidelity["top1_agreement"]},
-        "bench": {"speedup": report["measured_speedup"]},
-    }
+    return compress(source, output, **options).to_dict()
 
 
 def _check_compress_table(options: dict) -> None:
@@ -99,5 +82,5 @@ def get_pipeline(name: str) -> Pipeline:
         raise BadInputError(f"unknown pipeline '{name}'; choose from: {', '.join(PIPELINES)}")
     if pipeline.run is None:
         raise BadInputError(f"the '{name}' pipeline is not available yet in this version of onnxmerge; "
-                            "use --pipeline fold")
+                            "use pipeline='fold'")
     return pipeline

@@ -6,7 +6,7 @@ import csv
 import io
 from pathlib import Path
 
-from onnxmerge.batch.results import BatchReport, ModelResult
+from onnxmerge.batch.results import NOT_CHECKED, BatchReport, ModelResult
 from onnxmerge.io import atomic_write_bytes
 from onnxmerge.report import format_bytes, format_int, write_json
 
@@ -64,7 +64,7 @@ def _markdown_row(result: ModelResult) -> str:
     status = result.status if result.failure is None else f"{result.status} ({result.failure})"
     speedup = "" if row["speedup"] is None else \
         f"{row['speedup']:.2f}× ({row['speedup_p10']:.2f}–{row['speedup_p90']:.2f})"
-    verified = {True: "yes", False: "**no**", None: ""}[row["verified"]]
+    verified = {True: "yes", False: "**no**", None: "", NOT_CHECKED: NOT_CHECKED}[row["verified"]]
     cells = [f"`{result.model}`", status, change("nodes", format_int), change("parameters", format_int),
              change("size", format_bytes), verified,
              "" if row["max_abs_error"] is None else f"{row['max_abs_error']:.2g}",

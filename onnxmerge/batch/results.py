@@ -1,7 +1,9 @@
 """What a batch found, per model and in sum: the one structure the progress lines, the reports and the exit code read.
 
 Statuses:
-- ``ok``: the pipeline ran, the result was verified in ORT and written (with its per-model report);
+- ``ok``: the pipeline ran, the result was verified in ORT (where the pipeline checks equivalence: fold does,
+  compress changes the function on purpose and says so with ``verification`` None, shown as "n/a") and
+  written (with its per-model report);
 - ``skipped``: ``--resume`` found it ok and up to date from an earlier run (its numbers are that run's);
 - ``refused``: onnxmerge refused the input as unusable (``BadInputError``: not an ONNX file, invalid model,
   missing external data, unusable options): the model's problem, the same on every run;
@@ -16,6 +18,7 @@ import statistics
 from dataclasses import asdict, dataclass, field, fields
 
 OK, SKIPPED, REFUSED, FAILED = "ok", "skipped", "refused", "failed"
+NOT_CHECKED = "n/a"  # the "verified" cell of a result whose command does not check equivalence
 STATUSES = (OK, SKIPPED, REFUSED, FAILED)
 EXIT_OK, EXIT_SOME_FAILED = 0, 1
 
@@ -30,20 +33,25 @@ class ModelResult:
     output: str | None = None  # path relative to OUT_DIR
     input_hash: str | None = None  # model + external data + options + onnxmerge version
     output_hash: str | None = None
-    details: dict | None = None  # the pipeline's report; with --bench, details["bench"] is `compare`'s
+    details: dict | None = None  # the pipeline's result (to_dict()); with --bench, details["bench"] is `compare`'s
 
     def row(self) -> dict:
-        """The flat numbers every table shows."""
+        """The flat numbers every table shows. ``verified`` is True/False, ``"n/a"`` when the pipeline does
+        not check equivalence (its result has ``verification`` None), None when there is no result."""
         details = self.details or {}
-        before, after = details.get("before", {}), details.get("after", {})
-        verification = details.get("verification", {})
-        speedup = details.get("bench", {}).get("speedup", {})
+        before, after = details.get("before") or {}, details.get("after") or {}
+        verification = details.get("verification") or {}
+        speedup = (details.get("bench") or {}).get("speedup") or {}
+        if self.details is not None and "verification" in details and details["verification"] is None:
+            verified = NOT_CHECKED
+        else:
+            verified = verification.get("passed")
         return {
             "model": self.model, "status": self.status, "failure": self.failure,
             "nodes_before": before.get("nodes"), "nodes_after": after.get("nodes"),
             "parameters_before": before.get("parameters"), "parameters_after": after.get("parameters"),
             "size_before": before.get("size_bytes"), "size_after": after.get("size_bytes"),
-            "verified": verification.get("passed"), "max_abs_error": verification.get("max_abs_error"),
+            "verified": verified, "max_abs_error": verification.get("max_abs_error"),
             "speedup": speedup.get("median"), "speedup_p10": speedup.get("p10"), "speedup_p90": speedup.get("p90"),
             "seconds": self.seconds, "reason": self.reason,
         }

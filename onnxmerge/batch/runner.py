@@ -251,7 +251,7 @@ def _relocate(details: dict, source: Path, output: Path | None) -> None:
     details["input"] = str(source)
     if output is not None:
         details["output"] = str(output)
-    if "a" in details.get("bench", {}):
+    if "a" in (details.get("bench") or {}):
         details["bench"]["a"], details["bench"]["b"] = str(source), str(output)
 
 

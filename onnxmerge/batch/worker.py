@@ -72,10 +72,11 @@ def run_task(task: dict) -> dict:
     if "input_shapes" in options:
         options["input_shapes"] = {name: tuple(dims) for name, dims in options["input_shapes"].items()}
     try:
-        report = get_pipeline(task["pipeline"]).run(source, output, options)
+        report = get_pipeline(task["pipeline"]).run(source, output, options)  # the result's to_dict()
         if task["bench"]:
             report["bench"] = _bench(source, output, options.get("input_shapes"))
-        return {"status": OK, "failure": None, "reason": "; ".join(report.get("warnings", [])), "report": report}
+        return {"status": OK, "failure": None, "reason": "; ".join(report.get("warnings", [])),
+                "report": report}
     except VerificationError as error:
         return {**failure("verification", first_line(error)), "report": error.report}
     except (BadInputError, MemoryError) as error:

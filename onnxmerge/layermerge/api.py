@@ -25,6 +25,8 @@ from onnxmerge.io import ModelLike, load_model, save_model
 from onnxmerge.latency_table import ConvSignature, measure
 from onnxmerge.profiler import compare, profile
 from onnxmerge.report import write_json
+from onnxmerge.results import CompressResult
+from onnxmerge.stats import model_stats
 from onnxmerge.dataset import Dataset, load_dataset, run_batched
 from onnxmerge.runner import input_specs, make_session, parse_input_shapes
 
@@ -75,14 +77,6 @@ def _end_activation(analysis: ChainAnalysis, end: int, option: KernelOption) -> 
         return activation
     dominant = dominant_activation(analysis)
     return None if dominant is None else dominant.fitted(option.out_channels)
-
-
-@dataclass
-class CompressResult:
-    model: onnx.ModelProto | Path
-    proto: onnx.ModelProto
-    plan: Plan
-    report: dict = field(default_factory=dict)
 
 
 class _PhaseClock:
@@ -204,16 +198,17 @@ def compress(model: ModelLike, output: str | Path | None = None, *, calibration:
              runs: int = 30, seed: int = 0, force: bool = False, progress: bool = False) -> CompressResult:
     """Compress depth by merging convs across removed activations, under a latency target measured in ORT."""
     if speedup is not None and latency_budget_ms is not None:
-        raise BadInputError("give one of --speedup and --latency-budget, not both")
+        raise BadInputError("give one of speedup= and latency_budget_ms=, not both")
     if speedup is not None and speedup <= 1.0:
-        raise BadInputError(f"--speedup must be > 1 (got {speedup})")
+        raise BadInputError(f"speedup={speedup} must be > 1")
     plan_path = Path(plan) if plan is not None else None
     reuse = plan_path is not None and plan_path.is_file()
     if speedup is None and latency_budget_ms is None and not reuse:
-        raise BadInputError("give --speedup X or --latency-budget MS (or an existing --plan file)")
+        raise BadInputError("give speedup= or latency_budget_ms= (or plan= naming an existing plan file)")
     clock = _PhaseClock()
-    problem, input_path = prepare(model, calibration, provider=provider, threads=threads, input_shapes=input_shapes,
-                                  runs=runs, clock=clock)
+    loaded = load_model(model)  # once: prepare() takes the proto, the statistics read the original from it
+    problem, _ = prepare(loaded.proto, calibration, provider=provider, threads=threads, input_shapes=input_shapes,
+                         runs=runs, clock=clock)
     target_ms = problem.original_ms / speedup if speedup is not None else latency_budget_ms
     rounds: list[dict] = []
     if reuse:
@@ -235,9 +230,14 @@ def compress(model: ModelLike, output: str | Path | None = None, *, calibration:
         student = trained.model
     clock("recover")
 
-    report = _report(problem, chosen, student, target_ms, rounds, trained, clock)
-    written = save_model(student, output, input_path=input_path, force=force) if output is not None else None
-    return CompressResult(model=written or student, proto=student, plan=chosen, report=report)
+    result = _report(problem, chosen, student, target_ms, rounds, trained, clock)
+    result.input = None if loaded.path is None else str(loaded.path)
+    result.before = model_stats(loaded.proto, problem.shapes)
+    result.after = model_stats(student, problem.shapes)
+    written = save_model(student, output, input_path=loaded.path, force=force) if output is not None else None
+    result.output = None if written is None else str(written)
+    result.model, result.proto = written or student, student
+    return result
 
 
 def evaluate(problem: CompressionProblem, student: onnx.ModelProto) -> dict:
@@ -257,31 +257,34 @@ def evaluate(problem: CompressionProblem, student: onnx.ModelProto) -> dict:
 
 
 def _report(problem: CompressionProblem, chosen: Plan, student: onnx.ModelProto, target_ms: float | None,
-            rounds: list[dict], trained, clock: _PhaseClock) -> dict:
+            rounds: list[dict], trained, clock: _PhaseClock) -> CompressResult:
+    """The compress-specific fields, measured here (fidelity, the final interleaved timing); compress() adds
+    the core's input/output and statistics. ``verification`` stays None (see CompressResult)."""
     fidelity_report = evaluate(problem, student)
     final = problem.compare(student)
     clock("verify")
-    return {
-        "plan": chosen.to_dict(),
-        "plan_segments": plan_details(chosen, problem.options),
-        "segments": len(problem.analysis.segments), "entries": problem.analysis.entries,
-        "original_ms": problem.original_ms,
-        "table_original_ms": problem.table_original_ms if problem.latency else None,
-        "target_ms": target_ms,
-        "rounds": rounds,
-        "reached_target": None if target_ms is None else
+    return CompressResult(
+        plan=chosen,
+        plan_segments=plan_details(chosen, problem.options),
+        segments=len(problem.analysis.segments), entries=problem.analysis.entries,
+        original_ms=problem.original_ms,
+        table_original_ms=problem.table_original_ms if problem.latency else None,
+        target_ms=target_ms,
+        rounds=rounds,
+        reached_target=None if target_ms is None else
         final["speedup"]["median"] >= problem.original_ms / target_ms * SPEEDUP_TOLERANCE,
-        "measured_speedup": final["speedup"],
-        "predicted_table_ms": chosen.latency_ms,
-        "measured_ms": final["latency_b"]["median_ms"],
-        "fidelity": fidelity_report,
-        "recovery": None if trained is None else trained.summary(),
-        "wall_s": clock.seconds,
-    }
+        measured_speedup=final["speedup"],
+        predicted_table_ms=chosen.latency_ms,
+        measured_ms=final["latency_b"]["median_ms"],
+        fidelity=fidelity_report,
+        recovery=None if trained is None else trained.summary(),
+        wall_s=clock.seconds,
+        bench=final,
+    )
 
 
 def _static_shapes(model: onnx.ModelProto, input_shapes: list[str] | dict | None) -> dict[str, tuple[int, ...]]:
-    """The shapes latency is measured at: --input-shape, else the model's own dims with the batch at 1.
+    """The shapes latency is measured at: ``input_shapes``, else the model's own dims with the batch at 1.
 
     The latency table is shape-specific, so dynamic dims other than the batch must be pinned by the user.
     """
@@ -291,7 +294,7 @@ def _static_shapes(model: onnx.ModelProto, input_shapes: list[str] | dict | None
         unpinned = [note for note in spec.assumed if not note.startswith(f"{spec.name}[0]")]
         if unpinned:
             raise BadInputError(f"input '{spec.name}' has dynamic dims ({'; '.join(unpinned)}); compression measures "
-                                f"latency at static shapes: pass --input-shape {spec.name}:1,...")
+                                f"latency at static shapes: pass input_shapes= (e.g. {{{spec.name!r}: (1, ...)}})")
     return {spec.name: spec.shape for spec in specs}
 
 

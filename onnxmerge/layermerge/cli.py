@@ -6,6 +6,8 @@ import argparse
 
 from rich.console import Console
 
+from onnxmerge.cli_options import add_json_option
+
 
 def register(commands) -> None:
     parser = commands.add_parser(
@@ -27,7 +29,8 @@ def register(commands) -> None:
     recover.add_argument("--no-recover", action="store_true", help="skip distillation")
     parser.add_argument("--lr", type=float, default=1e-3, help="distillation learning rate (default 1e-3)")
     parser.add_argument("--plan", metavar="FILE", help="reuse this plan JSON if it exists, else save the plan here")
-    parser.add_argument("--report", metavar="FILE", help="write the full report as JSON")
+    add_json_option(parser)
+    parser.add_argument("--report", dest="json", metavar="FILE", help="the same as --json")
     parser.add_argument("--jobs", type=int, default=1, help="importance entries scored in parallel (default 1)")
     parser.add_argument("--inspect", action="store_true", help="print the chain, segments and options, then exit")
     parser.add_argument("--force", action="store_true", help="allow OUTPUT to be the input file")
@@ -56,9 +59,9 @@ def run(args: argparse.Namespace, console: Console) -> int:
                       input_shapes=args.input_shape or None, recover_steps=args.recover_steps,
                       recover=not args.no_recover, lr=args.lr, plan=args.plan, jobs=args.jobs, force=args.force,
                       progress=True)
-    for table in compress_tables(result.report):
+    for table in compress_tables(result):
         console.print(table)
-    if args.report:
-        write_json(result.report, args.report)
+    if args.json:
+        write_json(result, args.json)
     console.print(f"wrote {args.output}", highlight=False)
     return 0

@@ -1,11 +1,15 @@
-"""Rich tables for a compress report (the JSON report holds the same numbers)."""
+"""Rich tables for a compress result (the JSON report holds the same numbers); formatting only."""
 
 from __future__ import annotations
 
 from rich.table import Table
 
+from onnxmerge.report import as_report
 
-def compress_tables(report: dict) -> list[Table]:
+
+def compress_tables(result) -> list[Table]:
+    """The summary and the plan of a :class:`~onnxmerge.results.CompressResult` (or its dict)."""
+    report = as_report(result)
     summary = Table(title="onnxmerge compress", show_header=False)
     summary.add_column()
     summary.add_column(justify="right")

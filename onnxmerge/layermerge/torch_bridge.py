@@ -63,7 +63,7 @@ class OnnxModule(nn.Module):
         unsupported = sorted({label for node in graph.node if (label := _unsupported(node))})
         if unsupported:
             raise BadInputError(f"cannot train this model in torch: unsupported op(s) {', '.join(unsupported)}; "
-                                "run with --no-recover to skip accuracy recovery")
+                                "pass recover=False to skip accuracy recovery")
         self.input_names = [name for name, _, _ in io_signature(proto)["inputs"]]
         self.output_names = [value.name for value in graph.output]
         self._nodes = [_Node(n.op_type, tuple(n.input), tuple(n.output),

@@ -82,15 +82,14 @@ def run_soup(args: argparse.Namespace, console: Console) -> int:
                   scale=args.scale, density=args.density, seed=args.seed, eval_data=args.eval, metric=args.metric,
                   reset_bn=args.reset_bn, batch_size=args.batch_size, align=args.align, force=args.force,
                   external_data=True if args.external_data else None)
-    report = result.report
-    console.print(soup_table(report))
-    for line in summary_lines(report):
+    console.print(soup_table(result))
+    for line in summary_lines(result):
         console.print(line, highlight=False)
-    for warning in report["warnings"]:
+    for warning in result.warnings:
         console.print(f"[yellow]warning:[/] {warning}", highlight=False)
     if args.json:
-        write_json(report, args.json)
-    console.print(f"wrote {report['output']}", highlight=False)
+        write_json(result, args.json)
+    console.print(f"wrote {result.output}", highlight=False)
     return EXIT_OK
 
 
@@ -102,14 +101,13 @@ def run_align(args: argparse.Namespace, console: Console) -> int:
         result = align(args.reference, args.model, args.output, seed=args.seed, max_sweeps=args.max_sweeps,
                        check_n=args.check_n, input_shapes=input_shapes(args), force=args.force,
                        external_data=True if args.external_data else None)
-    report = result.report
-    console.print(f"{report['groups']} permutation group(s), {report['moved_channels']} of {report['channels']} "
-                  f"channels moved in {report['sweeps']} sweep(s); weight cosine similarity to A "
-                  f"{report['cosine_before']:.3f} -> {report['cosine_after']:.3f}", highlight=False)
-    console.print(f"output-identical to B (max abs error {report['verification']['max_abs_error']:.3g} on "
-                  f"{args.check_n} input set(s)); wrote {report['output']}", highlight=False)
+    console.print(f"{result.groups} permutation group(s), {result.moved_channels} of {result.channels} "
+                  f"channels moved in {result.sweeps} sweep(s); weight cosine similarity to A "
+                  f"{result.cosine_before:.3f} -> {result.cosine_after:.3f}", highlight=False)
+    console.print(f"output-identical to B (max abs error {result.verification['max_abs_error']:.3g} on "
+                  f"{args.check_n} input set(s)); wrote {result.output}", highlight=False)
     if args.json:
-        write_json(report, args.json)
+        write_json(result, args.json)
     return EXIT_OK
 
 
@@ -121,7 +119,11 @@ def _print_check(console: Console, report: dict) -> None:
         console.print(f"[yellow]warning:[/] {warning}", highlight=False)
 
 
-def soup_table(report: dict) -> Table:
+def soup_table(result) -> Table:
+    """The inputs with their weights, scores and greedy steps, of a SoupResult (or its dict)."""
+    from onnxmerge.report import as_report
+
+    report = as_report(result)
     scores = report.get("scores")
     greedy = {step["index"]: step for step in report.get("greedy", {}).get("steps", [])}
     weights = report["parameters"].get("weights")
@@ -148,7 +150,10 @@ def soup_table(report: dict) -> Table:
     return table
 
 
-def summary_lines(report: dict) -> list[str]:
+def summary_lines(result) -> list[str]:
+    from onnxmerge.report import as_report
+
+    report = as_report(result)
     lines = []
     tensors = report["tensors"]
     lines.append(f"tensors: {tensors.get('merged', 0)} merged, {tensors.get('identical', 0)} identical in every "

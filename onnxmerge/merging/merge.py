@@ -11,7 +11,6 @@ import json
 import os
 from collections import Counter
 from contextlib import ExitStack
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Mapping, Sequence
 
@@ -27,24 +26,11 @@ from onnxmerge.merging.data import DataLike, ModelScore, Scorer, load_dataset, m
 from onnxmerge.merging.methods import LINEAR_METHODS, MergeSpec, compute_dtype, merge_tensors
 from onnxmerge.merging.rebasin import DEFAULT_MAX_SWEEPS, align_model
 from onnxmerge.merging.source import ModelSource, open_source, spill
+from onnxmerge.results import AlignResult, SoupResult
 from onnxmerge.version import __version__
 
 PROVENANCE_PREFIX = "onnxmerge.soup."
 DEFAULT_BATCH_SIZE = 64
-
-
-@dataclass
-class SoupResult:
-    """``model`` is the Path written to, or the ModelProto when no output path was given."""
-
-    model: onnx.ModelProto | Path
-    report: dict
-
-
-@dataclass
-class AlignResult:
-    model: onnx.ModelProto | Path
-    report: dict
 
 
 def check_compatible(models: Sequence[ModelLike], *, base: ModelLike | None = None) -> dict:
@@ -110,12 +96,12 @@ def soup(
         compatibility = check_sources(everything)
         sources, base_source = everything[:len(models)], everything[len(models)] if base is not None else None
         structures = compatibility.structures
-        report: dict = {"onnxmerge_version": __version__, "method": spec.method, "parameters": spec.parameters(),
-                        "seed": spec.seed, "inputs": [s.provenance() for s in sources],
-                        "base": base_source.provenance() if base_source else None,
-                        "compatibility": compatibility.to_dict(), "warnings": list(compatibility.warnings)}
+        result = SoupResult(method=spec.method, parameters=spec.parameters(), seed=spec.seed,
+                            inputs=[s.provenance() for s in sources],
+                            base=base_source.provenance() if base_source else None,
+                            compatibility=compatibility.to_dict(), warnings=list(compatibility.warnings))
         if align:
-            sources, report["alignment"] = _align_inputs(sources, stack, seed)
+            sources, result.alignment = _align_inputs(sources, stack, seed)
             structures = [model_structure(s.proto) for s in sources]
         template = sources[0].proto
         scorer = None
@@ -126,29 +112,30 @@ def soup(
         merger = _Merger(spec, sources, structures[:len(models)], base_source,
                          structures[len(models)] if base_source else None, calibration, batch_size)
         if scorer is not None:
-            report["scores"] = {"metric": scorer.name, "higher_is_better": scorer.higher_is_better,
-                                "models": [{"model": s.label, "score": _score(scorer, s.materialize())}
-                                           for s in sources]}
+            result.scores = {"metric": scorer.name, "higher_is_better": scorer.higher_is_better,
+                             "models": [{"model": s.label, "score": _score(scorer, s.materialize())}
+                                        for s in sources]}
         selected = list(range(len(sources)))
         if spec.method == "greedy":
-            selected, report["greedy"] = _greedy(merger, scorer, [m["score"] for m in report["scores"]["models"]],
-                                                 [s.label for s in sources])
-            report["scores"]["uniform_soup"] = _score(scorer, merger.build(list(range(len(sources))))[0])
+            selected, result.greedy = _greedy(merger, scorer, [m["score"] for m in result.scores["models"]],
+                                              [s.label for s in sources])
+            result.scores["uniform_soup"] = _score(scorer, merger.build(list(range(len(sources))))[0])
         merged, tensor_counts, bn_report = merger.build(selected)
-        report["tensors"] = tensor_counts
+        result.tensors = tensor_counts
         if bn_report is not None:
-            report["bn_reset"] = bn_report
+            result.bn_reset = bn_report
             if "warning" in bn_report:
-                report["warnings"].append(bn_report["warning"])
+                result.warnings.append(bn_report["warning"])
         _check_bn_variance(merged)
-        _write_provenance(merged, spec, everything[:len(models)], base_source, report, selected, align, calibration)
+        _write_provenance(merged, spec, everything[:len(models)], base_source, result, selected, align, calibration)
         if scorer is not None:
-            report["scores"]["soup"] = _score(scorer, merged)
+            result.scores["soup"] = _score(scorer, merged)
         if output is None:
-            return SoupResult(merged, report)
+            result.model = merged
+            return result
         written = _save(merged, output, everything, external_data)
-    report["output"] = str(written)
-    return SoupResult(written, report)
+    result.model, result.output = written, str(written)
+    return result
 
 
 def _save(model: onnx.ModelProto, output, sources: list, external_data: bool | None):
@@ -280,10 +267,10 @@ def _align_inputs(sources: list[ModelSource], stack: ExitStack, seed: int) -> tu
 
 
 def _write_provenance(model: onnx.ModelProto, spec: MergeSpec, sources: list[ModelSource], base: ModelSource | None,
-                      report: dict, selected: list[int], aligned: bool, calibration) -> None:
+                      result: SoupResult, selected: list[int], aligned: bool, calibration) -> None:
     parameters = dict(spec.parameters())
     if spec.method == "greedy":
-        parameters["metric"] = report["scores"]["metric"]
+        parameters["metric"] = result.scores["metric"]
         parameters["selected"] = [sources[i].label for i in selected]
     if aligned:
         parameters["aligned_to"] = sources[0].label
@@ -329,17 +316,19 @@ def align(
         sources = _open_inputs([reference, model], None, stack)
         compatibility = check_sources(sources)
         reference_full, model_full = sources[0].materialize(), sources[1].materialize()
-        aligned, report = align_model(model_structure(reference_full), reference_full, model_structure(model_full),
-                                      model_full, seed=seed, max_sweeps=max_sweeps, check_n=check_n,
-                                      input_shapes=input_shapes)
-        report = {"onnxmerge_version": __version__, "reference": sources[0].provenance(),
-                  "model": sources[1].provenance(), "seed": seed, "compatibility": compatibility.to_dict(),
-                  **report}
+        aligned, alignment = align_model(model_structure(reference_full), reference_full,
+                                         model_structure(model_full), model_full, seed=seed, max_sweeps=max_sweeps,
+                                         check_n=check_n, input_shapes=input_shapes)
+        result = AlignResult.from_alignment(
+            alignment, input=None if sources[1].path is None else str(sources[1].path),
+            reference=sources[0].provenance(), model_info=sources[1].provenance(), seed=seed,
+            compatibility=compatibility.to_dict())
         _set_metadata(aligned, {"onnxmerge.version": __version__,
                                 "onnxmerge.align": json.dumps({"reference": sources[0].provenance(),
                                                                "model": sources[1].provenance(), "seed": seed})})
         if output is None:
-            return AlignResult(aligned, report)
+            result.model = aligned
+            return result
         written = _save(aligned, output, sources, external_data)
-    report["output"] = str(written)
-    return AlignResult(written, report)
+    result.model, result.output = written, str(written)
+    return result

@@ -102,6 +102,6 @@ def test_compress_pipeline_end_to_end(tmp_path, trained_digits):
     (result,) = report.models
     assert result.status == "ok", result.reason
     row = result.row()
-    assert row["speedup"] is not None and row["verified"] is True
+    assert row["speedup"] is not None and row["verified"] == "n/a"  # compress does not check equivalence
     assert row["nodes_after"] < row["nodes_before"]
     assert (tmp_path / "out" / "digits.onnx").is_file()
