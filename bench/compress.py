@@ -28,6 +28,7 @@ from models.export import export
 from onnxmerge.environment import describe
 from onnxmerge.errors import BadInputError
 from onnxmerge.layermerge.api import evaluate, prepare
+from onnxmerge.runner import RuntimeSettings
 from onnxmerge.layermerge.dp import join_tables, solve
 from onnxmerge.runner import make_session
 
@@ -44,7 +45,7 @@ def bench_model(label: str, model: Path, calibration: Path, speedups: list[float
 
     clock = _PhaseClock()
     started = time.perf_counter()
-    problem, _ = prepare(model, calibration, runs=runs, clock=clock)
+    problem = prepare(model, calibration, RuntimeSettings(runs=runs), clock=clock)
     problem.measure_tables(clock=clock)
     choices = join_tables(problem.latency, {k: e.score for k, e in problem.importance.items()})
     dp_started = time.perf_counter()

@@ -127,23 +127,24 @@ def output_path(args: argparse.Namespace) -> str | None:
     return option or positional
 
 
-def add_runtime_options(parser: argparse.ArgumentParser, *, timing: bool = True) -> None:
-    """How ORT runs: provider, threads, opt level, CUDA graph and (with ``timing``) warm-up and runs."""
+def add_runtime_options(parser: argparse.ArgumentParser, *, timing: bool = True, defaults=None) -> None:
+    """How ORT runs: provider, threads, opt level, CUDA graph and (with ``timing``) warm-up and runs; the
+    defaults are the library's (``defaults``, a RuntimeSettings, else RuntimeSettings())."""
     from onnxmerge.runner import OPT_LEVELS, RuntimeSettings
 
+    defaults = defaults or RuntimeSettings()
     group = parser.add_argument_group("runtime")
-    group.add_argument("--provider", default=RuntimeSettings.provider, help="execution provider: cpu or cuda "
-                       f"(default {RuntimeSettings.provider})")
-    group.add_argument("--threads", type=int, default=RuntimeSettings.threads,
-                       help=f"intra-op threads (default {RuntimeSettings.threads})")
-    group.add_argument("--opt-level", default=RuntimeSettings.opt_level, choices=list(OPT_LEVELS)[::-1],
-                       help=f"ORT graph optimization level (default {RuntimeSettings.opt_level})")
+    group.add_argument("--provider", default=defaults.provider,
+                       help=f"execution provider: cpu or cuda (default {defaults.provider})")
+    group.add_argument("--threads", type=int, default=defaults.threads,
+                       help=f"intra-op threads (default {defaults.threads})")
+    group.add_argument("--opt-level", default=defaults.opt_level, choices=list(OPT_LEVELS)[::-1],
+                       help=f"ORT graph optimization level (default {defaults.opt_level})")
     group.add_argument("--cuda-graph", action="store_true", help="capture and replay a CUDA graph (cuda only)")
     if timing:
-        group.add_argument("--warmup", type=int, default=RuntimeSettings.warmup,
-                           help=f"untimed runs first (default {RuntimeSettings.warmup})")
-        group.add_argument("--runs", type=int, default=RuntimeSettings.runs,
-                           help=f"timed runs (default {RuntimeSettings.runs})")
+        group.add_argument("--warmup", type=int, default=defaults.warmup,
+                           help=f"untimed runs first (default {defaults.warmup})")
+        group.add_argument("--runs", type=int, default=defaults.runs, help=f"timed runs (default {defaults.runs})")
 
 
 def runtime_settings(args: argparse.Namespace, **fixed):

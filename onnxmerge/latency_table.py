@@ -31,7 +31,7 @@ from onnxmerge.graph import conv_params, import_graph, weight_dtype
 from onnxmerge.io import ModelLike, clamp_ir_version, load_model
 from onnxmerge.profiler import profile
 from onnxmerge.report import write_json
-from onnxmerge.runner import check_timing_options, input_specs
+from onnxmerge.runner import RuntimeSettings, input_specs
 from onnxmerge.stats import static_shapes
 from onnxmerge.timing import LatencyStats
 
@@ -44,7 +44,8 @@ DTYPES = ("float32", "float16")
 ACTIVATIONS = ("relu", "hardswish", "leaky_relu", "sigmoid", "relu6", "silu", "gelu")
 # Bump when conv_model changes what it builds: entries measured on the old models stop matching.
 # 2: activations named by the activation table, with their parameters ("clip(0,6)", "leakyrelu(0.1)").
-CACHE_FORMAT = 2
+DEFAULT_TABLE_RUNS = 30  # entries are cheap to time and cached: more runs than a quick profile
+CACHE_FORMAT = 3
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -223,33 +224,36 @@ class LatencyTable(Mapping):
                              "latency": stats.to_dict()} for sig, stats in self.entries.items()]}
 
 
-def cache_key(signature: ConvSignature, *, provider: str, threads: int, opt_level: str, fingerprint: str) -> str:
-    """Everything a measurement depends on besides the run count (``fingerprint`` carries ORT build and device)."""
-    return f"v{CACHE_FORMAT}|{signature.key()}|{provider}|threads={threads}|opt={opt_level}|{fingerprint}"
+def cache_key(signature: ConvSignature, settings: RuntimeSettings, fingerprint: str) -> str:
+    """Everything a measurement depends on besides how often it is sampled: the signature, the runtime
+    settings' :meth:`~onnxmerge.runner.RuntimeSettings.cache_fields`, and ``fingerprint`` (ORT build and
+    device)."""
+    fields = "|".join(f"{name}={value}" for name, value in sorted(settings.cache_fields().items()))
+    return f"v{CACHE_FORMAT}|{signature.key()}|{fields}|{fingerprint}"
 
 
-def measure(signatures: Iterable[ConvSignature], *, provider: str = "cpu", threads: int = 1, opt_level: str = "all",
-            runs: int = 30, warmup: int = 10, cache_dir: str | Path | None = None,
-            fingerprint: str | None = None) -> LatencyTable:
+def measure(signatures: Iterable[ConvSignature], settings: RuntimeSettings | None = None, *,
+            cache_dir: str | Path | None = None, fingerprint: str | None = None, **overrides) -> LatencyTable:
     """Look every signature up in the disk cache, timing (and caching) only the ones missing.
 
-    A hit creates no session. An entry measured with fewer than ``runs`` runs, or unreadable, is a miss
-    and is overwritten. Each entry is one JSON file replaced atomically, so concurrent builds into one
-    cache cannot corrupt it (the last writer of an entry wins). ``fingerprint`` defaults to
+    ``settings`` (one :class:`~onnxmerge.runner.RuntimeSettings`; keyword ``overrides`` change single fields,
+    default 30 runs) says how entries are timed; the cache key derives from it. A hit creates no session. An
+    entry measured with fewer than ``settings.runs`` runs, or unreadable, is a miss and is overwritten. Each
+    entry is one JSON file replaced atomically, so concurrent builds into one cache cannot corrupt it (the
+    last writer of an entry wins). ``fingerprint`` defaults to
     :func:`onnxmerge.environment.hardware_fingerprint`; pass another to keep tables apart by hand.
     """
-    check_timing_options(runs, threads, opt_level, warmup)
-    fingerprint = fingerprint if fingerprint is not None else hardware_fingerprint(provider)
+    settings = (settings or RuntimeSettings(runs=DEFAULT_TABLE_RUNS)).with_overrides(**overrides)
+    fingerprint = fingerprint if fingerprint is not None else hardware_fingerprint(settings.provider)
     folder = Path(cache_dir) if cache_dir is not None else default_cache_dir() / "latency"
     folder.mkdir(parents=True, exist_ok=True)
-    table = LatencyTable({}, provider, threads, opt_level, fingerprint, cache_dir=folder)
+    table = LatencyTable({}, settings.provider, settings.threads, settings.opt_level, fingerprint, cache_dir=folder)
     for signature in dict.fromkeys(signatures):
-        key = cache_key(signature, provider=provider, threads=threads, opt_level=opt_level, fingerprint=fingerprint)
+        key = cache_key(signature, settings, fingerprint)
         path = folder / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.json"
-        stats = _read_entry(path, key, runs)
+        stats = _read_entry(path, key, settings.runs)
         if stats is None:
-            report = profile(conv_model(signature), provider=provider, threads=threads, warmup=warmup, runs=runs,
-                             opt_level=opt_level)
+            report = profile(conv_model(signature), settings)
             stats = LatencyStats(**report["latency"])
             write_json({"key": key, "signature": asdict(signature), "latency": stats.to_dict(),
                         "environment": report["environment"]}, path)
@@ -300,20 +304,19 @@ def conv_signatures(model: ModelLike, input_shapes: Mapping[str | None, Sequence
     return found
 
 
-def additivity(model: ModelLike, input_shapes: Mapping[str | None, Sequence[int]] | None = None, *, provider: str = "cpu",
-               threads: int = 1, opt_level: str = "all", runs: int = 30, warmup: int = 10,
-               cache_dir: str | Path | None = None, fingerprint: str | None = None) -> dict:
+def additivity(model: ModelLike, input_shapes: Mapping[str | None, Sequence[int]] | None = None,
+               settings: RuntimeSettings | None = None, *, cache_dir: str | Path | None = None,
+               fingerprint: str | None = None, **overrides) -> dict:
     """How well the table's sum predicts the whole model, under the same settings.
 
     Compression turns a speed-up target into a latency budget over the convs; ``uncovered_fraction`` is
     the share of end-to-end time outside the table (clipped to [0, 1]: per-call overheads counted in
     every entry can push the sum past the end-to-end time), ``ratio`` is the unclipped table / end-to-end.
     """
+    settings = (settings or RuntimeSettings(runs=DEFAULT_TABLE_RUNS)).with_overrides(**overrides)
     named = conv_signatures(model, input_shapes)
-    table = measure([sig for _, sig in named], provider=provider, threads=threads, opt_level=opt_level, runs=runs,
-                    warmup=warmup, cache_dir=cache_dir, fingerprint=fingerprint)
-    report = profile(model, provider=provider, threads=threads, warmup=warmup, runs=runs, input_shapes=input_shapes,
-                     opt_level=opt_level)
+    table = measure([sig for _, sig in named], settings, cache_dir=cache_dir, fingerprint=fingerprint)
+    report = profile(model, settings, input_shapes=input_shapes)
     end_to_end = report["latency"]["median_ms"]
     per_conv = {name: table[sig].median_ms for name, sig in named}
     table_sum = sum(per_conv.values())

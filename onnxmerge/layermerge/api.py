@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +28,9 @@ from onnxmerge.report import write_json
 from onnxmerge.results import CompressResult
 from onnxmerge.stats import model_stats
 from onnxmerge.dataset import Dataset, load_dataset, run_batched
-from onnxmerge.runner import input_specs, make_session, parse_input_shapes
+from onnxmerge.prepared import InputShapes, PreparedModel, preflight_output
+from onnxmerge.prepared import prepare as prepare_model
+from onnxmerge.runner import RuntimeSettings, input_specs, make_session
 
 MAX_ROUNDS = 3
 SPEEDUP_TOLERANCE = 0.98  # a measured speed-up within 2% of the target counts as reached
@@ -103,9 +105,7 @@ class CompressionProblem:
     options: dict[tuple[int, int, str], KernelOption]
     scorer: ImportanceScorer
     original_ms: float
-    provider: str
-    threads: int
-    runs: int
+    settings: RuntimeSettings
     latency: dict[tuple[int, int, str], float] = field(default_factory=dict)
     importance: dict = field(default_factory=dict)
 
@@ -123,7 +123,7 @@ class CompressionProblem:
         batch = next(iter(self.shapes.values()))[0]
         signatures = {key: _signature(option, _end_activation(self.analysis, key[1], option), batch)
                       for key, option in self.options.items()}
-        table = measure(set(signatures.values()), provider=self.provider, threads=self.threads, runs=self.runs)
+        table = measure(set(signatures.values()), self.settings)
         self.latency = {key: table[signature].median_ms for key, signature in signatures.items()}
         if clock:
             clock("latency_table")
@@ -162,90 +162,130 @@ class CompressionProblem:
         return plan, chosen_refit, student, rounds
 
     def compare(self, student: onnx.ModelProto) -> dict:
-        return compare(self.canonical, student, provider=self.provider, threads=self.threads, runs=self.runs,
-                       input_shapes=self.shapes)
+        return compare(self.canonical, student, self.settings, input_shapes=self.shapes)
 
 
-def prepare(model: ModelLike, calibration: str | Path, *, provider: str = "cpu", threads: int = 1,
-            input_shapes: list[str] | dict | None = None, runs: int = 30,
-            clock: _PhaseClock | None = None) -> tuple[CompressionProblem, Path | None]:
-    """Load, canonicalise (the exact, verified fold) and analyse; measure the original end to end."""
+@dataclass(frozen=True)
+class CompressOptions:
+    """What compress does (how ORT runs is :class:`~onnxmerge.runner.RuntimeSettings`): one frozen value."""
+
+    speedup: float | None = None
+    latency_budget_ms: float | None = None
+    recover: bool = True
+    recover_steps: int = 300
+    lr: float = 1e-3
+    jobs: int = 1
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.speedup is not None and self.latency_budget_ms is not None:
+            raise BadInputError("give one of speedup= and latency_budget_ms=, not both")
+        if self.speedup is not None and self.speedup <= 1.0:
+            raise BadInputError(f"speedup={self.speedup} must be > 1")
+        if self.latency_budget_ms is not None and self.latency_budget_ms <= 0:
+            raise BadInputError(f"latency_budget_ms={self.latency_budget_ms} must be > 0")
+        if self.recover_steps < 0 or self.jobs < 1:
+            raise BadInputError(f"need recover_steps= >= 0 and jobs= >= 1 (got {self.recover_steps}, {self.jobs})")
+
+
+# Latency in compression is timed with 30 runs per measurement unless the caller says otherwise.
+COMPRESS_SETTINGS = RuntimeSettings(runs=30)
+
+
+def prepare(model: ModelLike | PreparedModel, calibration: str | Path, settings: RuntimeSettings = COMPRESS_SETTINGS,
+            *, input_shapes: InputShapes | None = None,
+            clock: _PhaseClock | None = None) -> CompressionProblem:
+    """Canonicalise (the exact, verified fold) and analyse a prepared model; measure the original end to end."""
     from onnxmerge.api import fold
 
     clock = clock or _PhaseClock()
-    loaded = load_model(model)
-    calib = load_calibration(calibration, loaded.proto)
-    shapes = _static_shapes(loaded.proto, input_shapes)
-    canonical = fold(loaded.proto, input_shapes=shapes).proto
+    prepared = model if isinstance(model, PreparedModel) else prepare_model(model)
+    calib = load_calibration(calibration, prepared.proto)
+    shapes = _static_shapes(prepared.proto, input_shapes)
+    canonical = fold(prepared.proto, input_shapes=shapes).proto
     clock("canonicalize")
     analysis = analyse_chain(canonical, shapes)
     clock("analyse")
-    original_ms = profile(canonical, provider=provider, threads=threads, runs=runs,
-                          input_shapes=shapes)["latency"]["median_ms"]
-    problem = CompressionProblem(
+    original_ms = profile(canonical, settings, input_shapes=shapes)["latency"]["median_ms"]
+    return CompressionProblem(
         canonical=canonical, analysis=analysis, shapes=shapes, calibration=calib,
         options={(s.start, s.end, option_key(o)): o for s in analysis.segments for o in s.options},
         scorer=ImportanceScorer(canonical, analysis, calib.fit, holdout=calib.held_out, labels=calib.labels,
-                                threads=threads),
-        original_ms=original_ms, provider=provider, threads=threads, runs=runs)
-    return problem, loaded.path
+                                threads=settings.threads),
+        original_ms=original_ms, settings=settings)
 
 
 def compress(model: ModelLike, output: str | Path | None = None, *, calibration: str | Path,
-             speedup: float | None = None, latency_budget_ms: float | None = None, provider: str = "cpu",
-             threads: int = 1, input_shapes: list[str] | dict | None = None, recover_steps: int = 300,
-             recover: bool = True, lr: float = 1e-3, plan: str | Path | None = None, jobs: int = 1,
-             runs: int = 30, seed: int = 0, force: bool = False, progress: bool = False) -> CompressResult:
-    """Compress depth by merging convs across removed activations, under a latency target measured in ORT."""
-    if speedup is not None and latency_budget_ms is not None:
-        raise BadInputError("give one of speedup= and latency_budget_ms=, not both")
-    if speedup is not None and speedup <= 1.0:
-        raise BadInputError(f"speedup={speedup} must be > 1")
+             options: CompressOptions | None = None, settings: RuntimeSettings | None = None,
+             input_shapes: InputShapes | None = None, plan: str | Path | None = None, force: bool = False,
+             progress: bool = False, **overrides) -> CompressResult:
+    """Compress depth by merging convs across removed activations, under a latency target measured in ORT.
+
+    ``options`` (:class:`CompressOptions`: target, recovery, jobs, seed) says what to do and ``settings``
+    (:class:`~onnxmerge.runner.RuntimeSettings`, default 30 timed runs) how ORT runs; keyword ``overrides``
+    set single fields of either (``compress(path, out, calibration=c, speedup=1.5, threads=2)``). The output
+    path is checked before any work.
+    """
+    options, settings = _split_overrides(options or CompressOptions(), settings or COMPRESS_SETTINGS, overrides)
     plan_path = Path(plan) if plan is not None else None
     reuse = plan_path is not None and plan_path.is_file()
-    if speedup is None and latency_budget_ms is None and not reuse:
+    if options.speedup is None and options.latency_budget_ms is None and not reuse:
         raise BadInputError("give speedup= or latency_budget_ms= (or plan= naming an existing plan file)")
     clock = _PhaseClock()
-    loaded = load_model(model)  # once: prepare() takes the proto, the statistics read the original from it
-    problem, _ = prepare(loaded.proto, calibration, provider=provider, threads=threads, input_shapes=input_shapes,
-                         runs=runs, clock=clock)
-    target_ms = problem.original_ms / speedup if speedup is not None else latency_budget_ms
+    prepared = prepare_model(model)  # once: the problem, the statistics and the output check all read it
+    if output is not None:  # before minutes of tables: a bad output path fails now
+        output = preflight_output(output, prepared, force=force)
+    problem = prepare(prepared, calibration, settings, input_shapes=input_shapes, clock=clock)
+    target_ms = problem.original_ms / options.speedup if options.speedup is not None else options.latency_budget_ms
     rounds: list[dict] = []
     if reuse:
         chosen, refit = read_plan(plan_path, problem.options)
         student = problem.build(chosen, refit)
     else:
-        problem.measure_tables(jobs=jobs, clock=clock)
+        problem.measure_tables(jobs=options.jobs, clock=clock)
         chosen, refit, student, rounds = problem.solve_for(target_ms)
         if plan_path is not None:
             write_plan(plan_path, chosen, refit, problem.options)
     clock("plan_and_build")
 
     trained = None
-    if recover:
+    if options.recover:
         from onnxmerge.layermerge.recover import distill
 
-        trained = distill(student, problem.canonical, problem.calibration.fit, steps=recover_steps, lr=lr,
-                          seed=seed, progress=progress, threads=threads)
+        trained = distill(student, problem.canonical, problem.calibration.fit, steps=options.recover_steps,
+                          lr=options.lr, seed=options.seed, progress=progress, threads=settings.threads)
         student = trained.model
     clock("recover")
 
     result = _report(problem, chosen, student, target_ms, rounds, trained, clock)
-    result.input = None if loaded.path is None else str(loaded.path)
-    result.before = model_stats(loaded.proto, problem.shapes)
+    result.input = None if prepared.path is None else str(prepared.path)
+    result.before = model_stats(prepared.proto, problem.shapes)
     result.after = model_stats(student, problem.shapes)
-    written = save_model(student, output, input_path=loaded.path, force=force) if output is not None else None
+    written = save_model(student, output, input_path=prepared.path, force=force) if output is not None else None
     result.output = None if written is None else str(written)
     result.model, result.proto = written or student, student
     return result
 
 
+def _split_overrides(options: CompressOptions, settings: RuntimeSettings,
+                     overrides: dict) -> tuple[CompressOptions, RuntimeSettings]:
+    """Route keyword overrides to the value that has the field; an unknown name is refused, listing both."""
+    option_fields, setting_fields = set(CompressOptions.__dataclass_fields__), set(RuntimeSettings.__dataclass_fields__)
+    unknown = sorted(set(overrides) - option_fields - setting_fields)
+    if unknown:
+        raise BadInputError(f"unknown compress parameter(s) {unknown}; options: {sorted(option_fields)}, "
+                            f"runtime settings: {sorted(setting_fields)}")
+    picked = {k: v for k, v in overrides.items() if k in option_fields}
+    return (replace(options, **picked) if picked else options,
+            settings.with_overrides(**{k: v for k, v in overrides.items() if k in setting_fields}))
+
+
 def evaluate(problem: CompressionProblem, student: onnx.ModelProto) -> dict:
     """Fidelity of a compressed model to the original on the held-out calibration inputs."""
     calib = problem.calibration
-    reference = run_batched(make_session(problem.canonical, threads=problem.threads), calib.held_out,
+    reference = run_batched(make_session(problem.canonical, threads=problem.settings.threads), calib.held_out,
                             problem.canonical)
-    outputs = run_batched(make_session(student, threads=problem.threads), calib.held_out, student)
+    outputs = run_batched(make_session(student, threads=problem.settings.threads), calib.held_out, student)
     score, agreement = fidelity(reference, outputs)
     result = {"score": score, "top1_agreement": agreement,
               "max_abs_error": max(float(np.max(np.abs(a - b))) for a, b in zip(reference, outputs)),
@@ -283,12 +323,12 @@ def _report(problem: CompressionProblem, chosen: Plan, student: onnx.ModelProto,
     )
 
 
-def _static_shapes(model: onnx.ModelProto, input_shapes: list[str] | dict | None) -> dict[str, tuple[int, ...]]:
+def _static_shapes(model: onnx.ModelProto, input_shapes: InputShapes | None) -> dict[str, tuple[int, ...]]:
     """The shapes latency is measured at: ``input_shapes``, else the model's own dims with the batch at 1.
 
     The latency table is shape-specific, so dynamic dims other than the batch must be pinned by the user.
     """
-    given = parse_input_shapes(input_shapes) if isinstance(input_shapes, list) else dict(input_shapes or {})
+    given = dict(input_shapes or {})
     specs = input_specs(model, given)
     for spec in specs:
         unpinned = [note for note in spec.assumed if not note.startswith(f"{spec.name}[0]")]
@@ -301,12 +341,12 @@ def _static_shapes(model: onnx.ModelProto, input_shapes: list[str] | dict | None
 def inspect(model: ModelLike, input_shapes: list[str] | dict | None = None):
     """The chain, its segments and kernel options, as tables (``compress --inspect``)."""
     from onnxmerge.api import fold
-    from onnxmerge.layermerge.segments import inspect_tables
+    from onnxmerge.layermerge.report import chain_tables
 
     proto = load_model(model).proto
     shapes = _static_shapes(proto, input_shapes)
     canonical = fold(proto, input_shapes=shapes).proto
-    return inspect_tables(analyse_chain(canonical, shapes))
+    return chain_tables(analyse_chain(canonical, shapes))
 
 
 def _table_budget(target_ms: float, original_ms: float, table_original_ms: float) -> float:

@@ -1,10 +1,17 @@
-"""Rich tables for a compress result (the JSON report holds the same numbers); formatting only."""
+"""Rich tables for a compress result (the JSON report holds the same numbers) and for the chain analysis
+(``compress --inspect``); formatting only."""
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 from rich.table import Table
 
 from onnxmerge.report import as_report
+
+if TYPE_CHECKING:
+    from onnxmerge.conv_algebra import ConvParams
+    from onnxmerge.layermerge.segments import ChainAnalysis
 
 
 def compress_tables(result) -> list[Table]:
@@ -40,3 +47,52 @@ def compress_tables(result) -> list[Table]:
             plan.add_row(f"({choice['start']}, {choice['end']}]", str(choice.get("option", choice.get("option_repr"))),
                          f"{choice['latency_ms']:.3f}", f"{choice['importance']:.4f}")
     return [summary, plan]
+
+
+def chain_tables(analysis: ChainAnalysis) -> list[Table]:
+    """What ``onnxmerge compress --inspect`` shows: the chain, the excluded convs and every segment's options."""
+    chain = Table(title=f"conv chain: positions 0..{len(analysis.convs) - 1}")
+    for column in ("#", "conv", "kernel", "in -> out", "reducible", "activation", "skips", "break"):
+        chain.add_column(column, overflow="fold")
+    for conv, position in zip(analysis.convs, analysis.positions):
+        skips = [f"{s.source}->{s.target} ({'projection' if s.projection else 'identity'})"
+                 for s in analysis.skips if conv.index in (s.source, s.target)]
+        shapes = f"{_dims(conv.input_shape[1:])} -> {_dims(conv.output_shape[1:])}"
+        chain.add_row(str(conv.index), conv.node, _describe_kernel(conv.params), shapes,
+                      "yes" if conv.reducible else "",
+                      position.activation_value.name if position.activation_value else "linear", ", ".join(skips),
+                      analysis.breaks.get(conv.index, ""))
+    tables = [chain]
+    if analysis.excluded:
+        off = Table(title="convs not on the chain")
+        off.add_column("conv")
+        off.add_column("why", overflow="fold")
+        for name, reason in analysis.excluded.items():
+            off.add_row(name, reason)
+        tables.append(off)
+    segments = Table(title="segments", caption=f"{len(analysis.segments)} segments, "
+                                               f"{analysis.entries} (segment, kernel) entries")
+    for column in ("segment", "convs", "channels", "input", "kernel options (kept convs)"):
+        segments.add_column(column, overflow="fold")
+    for segment in analysis.segments:
+        first = segment.options[0]
+        options = "; ".join(f"{_dims(o.kernel)}{' dw' if o.depthwise else ''}"
+                            f"{'/' + _dims(o.stride) if max(o.stride) > 1 else ''} "
+                            f"({','.join(map(str, o.kept))})" for o in segment.options)
+        segments.add_row(f"({segment.start}, {segment.end}]", str(segment.end - segment.start),
+                         f"{first.in_channels} -> {first.out_channels}", _dims(first.input_hw), options)
+    tables.append(segments)
+    return tables
+
+
+def _dims(values) -> str:
+    return "x".join(map(str, values))
+
+
+def _describe_kernel(params: ConvParams) -> str:
+    text = _dims(params.kernel_shape)
+    if max(params.strides) > 1:
+        text += f" s{_dims(params.strides)}"
+    if max(params.dilations) > 1:
+        text += f" d{_dims(params.dilations)}"
+    return text + (" dw" if params.is_depthwise else "")

@@ -25,7 +25,6 @@ from functools import reduce
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
-from rich.table import Table
 
 from onnxmerge import activations
 from onnxmerge.activations import Activation
@@ -166,42 +165,6 @@ def _valid_segments(last: int, breaks, skips: list[tuple[int, int]]) -> list[tup
     return [(i, j) for i in range(last) for j in range(i + 1, last + 1)
             if not any(i < b < j for b in breaks)
             and all((s <= i and j <= t) or (i <= s and t <= j) or j <= s or t <= i for s, t in skips)]
-
-
-def inspect_tables(analysis: ChainAnalysis) -> list[Table]:
-    """What ``onnxmerge compress --inspect`` shows: the chain, the excluded convs and every segment's options."""
-    chain = Table(title=f"conv chain: positions 0..{len(analysis.convs) - 1}")
-    for column in ("#", "conv", "kernel", "in -> out", "reducible", "activation", "skips", "break"):
-        chain.add_column(column, overflow="fold")
-    for conv, position in zip(analysis.convs, analysis.positions):
-        skips = [f"{s.source}->{s.target} ({'projection' if s.projection else 'identity'})"
-                 for s in analysis.skips if conv.index in (s.source, s.target)]
-        shapes = f"{_dims(conv.input_shape[1:])} -> {_dims(conv.output_shape[1:])}"
-        chain.add_row(str(conv.index), conv.node, _describe_kernel(conv.params), shapes,
-                      "yes" if conv.reducible else "",
-                      position.activation_value.name if position.activation_value else "linear", ", ".join(skips),
-                      analysis.breaks.get(conv.index, ""))
-    tables = [chain]
-    if analysis.excluded:
-        off = Table(title="convs not on the chain")
-        off.add_column("conv")
-        off.add_column("why", overflow="fold")
-        for name, reason in analysis.excluded.items():
-            off.add_row(name, reason)
-        tables.append(off)
-    segments = Table(title="segments", caption=f"{len(analysis.segments)} segments, "
-                                               f"{analysis.entries} (segment, kernel) entries")
-    for column in ("segment", "convs", "channels", "input", "kernel options (kept convs)"):
-        segments.add_column(column, overflow="fold")
-    for segment in analysis.segments:
-        first = segment.options[0]
-        options = "; ".join(f"{_dims(o.kernel)}{' dw' if o.depthwise else ''}"
-                            f"{'/' + _dims(o.stride) if max(o.stride) > 1 else ''} "
-                            f"({','.join(map(str, o.kept))})" for o in segment.options)
-        segments.add_row(f"({segment.start}, {segment.end}]", str(segment.end - segment.start),
-                         f"{first.in_channels} -> {first.out_channels}", _dims(first.input_hw), options)
-    tables.append(segments)
-    return tables
 
 
 # --- shapes and convs -------------------------------------------------------------------------------------
@@ -485,12 +448,3 @@ def _check_names(graph: gs.Graph, analysis: ChainAnalysis) -> None:
 
 def _dims(values) -> str:
     return "x".join(map(str, values))
-
-
-def _describe_kernel(params: ConvParams) -> str:
-    text = _dims(params.kernel_shape)
-    if max(params.strides) > 1:
-        text += f" s{_dims(params.strides)}"
-    if max(params.dilations) > 1:
-        text += f" d{_dims(params.dilations)}"
-    return text + (" dw" if params.is_depthwise else "")

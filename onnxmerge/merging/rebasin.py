@@ -7,6 +7,9 @@ constant) carry it; a residual Add of two tensors merges their spaces; Concat la
 anything that mixes channels (Reshape, Transpose, Softmax, grouped Conv, graph outputs) pins them to the
 identity. B is then permuted to match A space by space with linear assignment, sweeping until no space
 improves, and must stay output-identical to B in ORT before anything uses it.
+
+The per-op rules (which ops open, carry, join or pin spaces) live in :mod:`onnxmerge.merging.channel_rules`,
+one registered rule per op type; this module walks the graph with them and does the matching.
 """
 
 from __future__ import annotations
@@ -19,64 +22,15 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx import numpy_helper
 
-from onnxmerge import activations
 from onnxmerge.errors import BadInputError, VerificationError
 from onnxmerge.graph import constant_value, import_graph, infer_shapes, producer
+from onnxmerge.merging import channel_rules
+from onnxmerge.merging.channel_rules import Channels
 from onnxmerge.merging.compat import ModelStructure, model_structure
 from onnxmerge.verify import EquivalenceChecker
 
 FIXED = 0
 DEFAULT_MAX_SWEEPS = 100
-# Ops that carry a channel space unchanged: the activation table's elementwise activations with scalar
-# parameters (onnxmerge.activations.PERMUTATION_INVARIANT_OPS; Clip only with constant bounds, see _visit), and
-# other elementwise unary ops. Multi-node activations (x * Sigmoid(x), GELU's Erf form) are covered op by op.
-_CARRY_OPS = activations.PERMUTATION_INVARIANT_OPS | frozenset({
-    "Celu", "Softplus", "Softsign", "Erf", "Mish", "ThresholdedRelu", "Identity", "Dropout", "Cast", "Neg", "Abs",
-    "Exp", "Log", "Sqrt", "Reciprocal", "Floor", "Ceil", "Round", "Sign",
-})
-_POOL_OPS = frozenset({"MaxPool", "AveragePool", "LpPool", "GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool"})
-# Binary elementwise ops: a constant operand indexed by the channel axis joins the space and is permuted with it.
-# PRelu (activations.PER_CHANNEL_PARAM_OPS) is one: its per-channel slope is permuted like a per-channel Mul's
-# constant, a scalar slope broadcasts and stays.
-_ELEMENTWISE_OPS = frozenset({"Add", "Sub", "Mul", "Div", "Max", "Min", "Sum", "Mean", "Pow"}) | \
-    activations.PER_CHANNEL_PARAM_OPS
-_REDUCE_OPS = frozenset({"ReduceMean", "ReduceMax", "ReduceMin", "ReduceSum", "ReduceL1", "ReduceL2",
-                         "ReduceLogSumExp", "ReduceProd", "ReduceSumSquare"})
-_SHAPE_ONLY_OPS = frozenset({"Shape", "Size"})  # read a tensor without depending on its channel order
-
-
-@dataclass(frozen=True)
-class Channels:
-    """Where a tensor's channel axis sits (counted from the end, so broadcasting keeps it) and its spaces."""
-
-    from_end: int
-    rank: int | None
-    segments: tuple[tuple[int, int], ...]  # (space, size) side by side along the axis
-
-    @property
-    def axis(self) -> int | None:
-        return None if self.rank is None else self.rank - self.from_end
-
-    @property
-    def total(self) -> int:
-        return sum(size for _, size in self.segments)
-
-    @property
-    def sizes(self) -> tuple[int, ...]:
-        return tuple(size for _, size in self.segments)
-
-    def placed(self) -> list[tuple[int, int]]:
-        """(space, offset along the axis) of every segment."""
-        offsets = np.cumsum((0,) + self.sizes[:-1])
-        return [(space, int(offset)) for (space, _), offset in zip(self.segments, offsets)]
-
-    def with_rank(self, rank: int | None) -> "Channels":
-        """The same axis counted from the end (elementwise broadcasting aligns trailing axes)."""
-        return Channels(self.from_end, rank, self.segments)
-
-    def at_axis(self, axis: int, rank: int) -> "Channels":
-        """The same axis counted from the start (Flatten/Squeeze drop trailing axes)."""
-        return Channels(rank - axis, rank, self.segments)
 
 
 class _Spaces:
@@ -117,28 +71,52 @@ class PermutationGroup:
     members: list[tuple[int, int, int]]
 
 
+@dataclass(frozen=True)
+class Pin:
+    """A node no permutation may cross, and why (its inputs' channel spaces were pinned to the identity)."""
+
+    node: str
+    op: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class ChannelSpec:
+    """The permutation spec of a model and the nodes that pinned channel spaces."""
+
+    groups: list[PermutationGroup]
+    pins: list[Pin]
+
+
 class _ChannelAnalysis:
-    """Walks the graph once in topological order, assigning channel spaces and recording their members."""
+    """Walks the graph once in topological order, dispatching each node to its rule in
+    :mod:`onnxmerge.merging.channel_rules` (the :class:`~onnxmerge.merging.channel_rules.ChannelContext` the
+    rules see), then pins what no rule accounted for and collects the free spaces into groups."""
 
     def __init__(self, graph: gs.Graph, slot_of: dict[str, int]):
         self.graph, self.slot_of = graph, slot_of
         self.spaces = _Spaces()
-        self.channels: dict[str, Channels] = {}
+        self.carried: dict[str, Channels] = {}  # tensor name -> its channels
         self.members: dict[tuple[int, int, int], int] = {}  # (slot, axis, offset) -> space
         self.registered: dict[int, set[int]] = defaultdict(set)  # slot -> ids of nodes that placed it
         self.readers: dict[int, set[int]] = defaultdict(set)  # slot -> ids of nodes that read it
+        self.pins: list[Pin] = []
 
     def groups(self) -> list[PermutationGroup]:
         for node in self.graph.nodes:
-            if node.op == "Identity" and self._stored(node.inputs[0]) is not None:
+            if node.op == "Identity" and self.stored(node.inputs[0]) is not None:
                 continue  # a stored tensor under another name: its readers are the ones that count
             for tensor in node.inputs:
-                stored = self._stored(tensor)
+                stored = self.stored(tensor)
                 if stored is not None:
                     self.readers[stored[0]].add(id(node))
-            self._visit(node)
+            rule = channel_rules.rule_for(node)
+            if rule is None:
+                self.block(node, f"no channel rule for {channel_rules.op_name(node)}")
+            else:
+                rule(self, node)
         for tensor in self.graph.outputs:
-            self._fix(self.channels.get(tensor.name))
+            self._fix(self.carried.get(tensor.name))
         self._pin_unaccounted_slots()
         self._pin_overlapping_members()
         grouped: dict[int, list[tuple[int, int, int]]] = defaultdict(list)
@@ -148,9 +126,15 @@ class _ChannelAnalysis:
                 grouped[root].append(member)
         return [PermutationGroup(self.spaces.size[root], members) for root, members in sorted(grouped.items())]
 
-    # -- bookkeeping -------------------------------------------------------------------------------------------
+    # -- what the rules see (channel_rules.ChannelContext) ---------------------------------------------------------
 
-    def _stored(self, tensor: gs.Tensor) -> tuple[int, tuple[int, ...]] | None:
+    def channels(self, tensor: gs.Tensor) -> Channels | None:
+        return self.carried.get(tensor.name)
+
+    def produce(self, tensor: gs.Tensor, channels: Channels) -> None:
+        self.carried[tensor.name] = channels
+
+    def stored(self, tensor: gs.Tensor) -> tuple[int, tuple[int, ...]] | None:
         """(slot, shape) of a stored tensor, looking through Identity; None for computed tensors."""
         while isinstance(tensor, gs.Variable) and producer(tensor) is not None and producer(tensor).op == "Identity":
             tensor = producer(tensor).inputs[0]
@@ -166,7 +150,13 @@ class _ChannelAnalysis:
         slot = self.slot_of.get(tensor.name)
         return None if slot is None else (slot, shape)
 
-    def _member(self, node: gs.Node, slot: int, axis: int, channels: Channels) -> None:
+    def new_space(self, size: int) -> int:
+        return self.spaces.new(size)
+
+    def union(self, space_a: int, space_b: int) -> None:
+        self.spaces.union(space_a, space_b)
+
+    def member(self, node: gs.Node, slot: int, axis: int, channels: Channels) -> None:
         for space, offset in channels.placed():
             key = (slot, axis, offset)
             if key in self.members:
@@ -175,13 +165,18 @@ class _ChannelAnalysis:
                 self.members[key] = space
         self.registered[slot].add(id(node))
 
+    def block(self, node: gs.Node, reason: str) -> None:
+        incoming = [self.carried.get(tensor.name) for tensor in node.inputs]
+        if any(incoming):
+            self.pins.append(Pin(node.name, channel_rules.op_name(node), reason))
+        for channels in incoming:
+            self._fix(channels)
+
+    # -- pinning -------------------------------------------------------------------------------------------------
+
     def _fix(self, channels: Channels | None) -> None:
         for space, _ in channels.segments if channels else ():
             self.spaces.fix(space)
-
-    def _block(self, node: gs.Node) -> None:
-        for tensor in node.inputs:
-            self._fix(self.channels.get(tensor.name))
 
     def _pin_unaccounted_slots(self) -> None:
         """A stored tensor also read by a node that did not place it must keep its order everywhere."""
@@ -201,254 +196,14 @@ class _ChannelAnalysis:
                     self.spaces.fix(space)
                     self.spaces.fix(other)
 
-    def _rank(self, tensor: gs.Tensor) -> int | None:
-        return None if tensor.shape is None else len(tensor.shape)
-
-    def _carry(self, source: gs.Tensor, target: gs.Tensor) -> None:
-        channels = self.channels.get(source.name)
-        if channels is not None:
-            self.channels[target.name] = channels.with_rank(self._rank(target) or channels.rank)
-
-    # -- per-op rules ------------------------------------------------------------------------------------------
-
-    def _visit(self, node: gs.Node) -> None:
-        op = node.op
-        if op in _SHAPE_ONLY_OPS or op == "Constant":
-            return
-        if op in _CARRY_OPS:
-            if op == "Clip" and any(self._stored(t) is None for t in node.inputs[1:] if t.name):
-                return self._block(node)
-            return self._carry(node.inputs[0], node.outputs[0])
-        handler = {"Conv": self._conv, "Gemm": self._gemm, "MatMul": self._matmul, "Concat": self._concat,
-                   "BatchNormalization": self._batchnorm, "InstanceNormalization": self._batchnorm,
-                   "LayerNormalization": self._layernorm, "Flatten": self._flatten, "Reshape": self._flatten,
-                   "Squeeze": self._squeeze, "Pad": self._pad, "Resize": self._resize}.get(op)
-        if handler is not None:
-            return handler(node)
-        if op in _POOL_OPS:
-            return self._channel_first_carry(node)
-        if op in _ELEMENTWISE_OPS:
-            return self._elementwise(node)
-        if op in _REDUCE_OPS:
-            return self._reduce(node)
-        self._block(node)
-
-    def _channel_first(self, tensor: gs.Tensor) -> Channels | None | bool:
-        """The tensor's channels if they sit on axis 1, None if it has none, False if they sit elsewhere."""
-        channels = self.channels.get(tensor.name)
-        if channels is None:
-            return None
-        return channels if channels.axis == 1 else False
-
-    def _channel_first_carry(self, node: gs.Node) -> None:
-        channels = self._channel_first(node.inputs[0])
-        if channels is False:
-            return self._block(node)
-        self._carry(node.inputs[0], node.outputs[0])
-
-    def _optional_stored(self, node: gs.Node, index: int):
-        """(present, stored) for an optional input."""
-        if len(node.inputs) <= index or not node.inputs[index].name:
-            return False, None
-        return True, self._stored(node.inputs[index])
-
-    def _conv(self, node: gs.Node) -> None:
-        weight = self._stored(node.inputs[1])
-        has_bias, bias = self._optional_stored(node, 2)
-        incoming = self._channel_first(node.inputs[0])
-        if weight is None or (has_bias and bias is None) or incoming is False:
-            return self._block(node)
-        weight_slot, shape = weight
-        groups = node.attrs.get("group", 1)
-        if groups == 1:
-            if incoming is not None:
-                self._member(node, weight_slot, 1, incoming)
-            outgoing = Channels(len(shape) - 1, len(shape), ((self.spaces.new(shape[0]), shape[0]),))
-        elif incoming is not None and shape[1] == 1 and groups == shape[0] == incoming.total:
-            outgoing = incoming.with_rank(len(shape))  # depthwise: a per-channel op
-        else:
-            return self._block(node)
-        self._member(node, weight_slot, 0, outgoing)
-        if bias is not None:
-            self._member(node, bias[0], 0, outgoing)
-        self.channels[node.outputs[0].name] = outgoing
-
-    def _gemm(self, node: gs.Node) -> None:
-        weight = self._stored(node.inputs[1])
-        has_bias, bias = self._optional_stored(node, 2)
-        incoming = self.channels.get(node.inputs[0].name)
-        if weight is None or (has_bias and bias is None) or node.attrs.get("transA", 0) or (
-                incoming is not None and incoming.from_end != 1):
-            return self._block(node)
-        weight_slot, shape = weight
-        in_axis, out_axis = (1, 0) if node.attrs.get("transB", 0) else (0, 1)
-        if incoming is not None:
-            self._member(node, weight_slot, in_axis, incoming)
-        width = shape[out_axis]
-        outgoing = Channels(1, 2, ((self.spaces.new(width), width),))
-        self._member(node, weight_slot, out_axis, outgoing)
-        if bias is not None and len(bias[1]) >= 1 and bias[1][-1] == width:
-            self._member(node, bias[0], len(bias[1]) - 1, outgoing)
-        self.channels[node.outputs[0].name] = outgoing
-
-    def _matmul(self, node: gs.Node) -> None:
-        weight = self._stored(node.inputs[1])
-        incoming = self.channels.get(node.inputs[0].name)
-        if weight is None or len(weight[1]) != 2 or (incoming is not None and incoming.from_end != 1):
-            return self._block(node)
-        weight_slot, shape = weight
-        if incoming is not None:
-            self._member(node, weight_slot, 0, incoming)
-        outgoing = Channels(1, self._rank(node.outputs[0]), ((self.spaces.new(shape[1]), shape[1]),))
-        self._member(node, weight_slot, 1, outgoing)
-        self.channels[node.outputs[0].name] = outgoing
-
-    def _unify(self, channel_list: list[Channels | None]) -> Channels | None:
-        """Tensors combined elementwise must share one permutation; None (unpermutable) pins the others."""
-        first = channel_list[0]
-        if first is None or any(c is None or c.from_end != first.from_end or c.sizes != first.sizes
-                                for c in channel_list[1:]):
-            for channels in channel_list:
-                self._fix(channels)
-            return None
-        for channels in channel_list[1:]:
-            for (space_a, _), (space_b, _) in zip(first.segments, channels.segments):
-                self.spaces.union(space_a, space_b)
-        return first
-
-    def _elementwise(self, node: gs.Node) -> None:
-        stored = [(t, self._stored(t)) for t in node.inputs]
-        variables = [t for t, s in stored if s is None]
-        if not variables:
-            return
-        channels = self._unify([self.channels.get(t.name) for t in variables])
-        if channels is None:
-            return
-        for tensor, constant in stored:
-            if constant is None:
-                continue
-            slot, shape = constant
-            axis = len(shape) - channels.from_end
-            if axis < 0 or shape[axis] == 1:
-                continue  # broadcast along the channels: the same value for every channel
-            if shape[axis] != channels.total:
-                return self._block(node)
-            self._member(node, slot, axis, channels)
-        self.channels[node.outputs[0].name] = channels.with_rank(self._rank(node.outputs[0]))
-
-    def _concat(self, node: gs.Node) -> None:
-        incoming = [self.channels.get(t.name) for t in node.inputs]
-        rank = self._rank(node.outputs[0])
-        axis = node.attrs.get("axis")
-        if axis is None or rank is None or any(c is None for c in incoming):
-            return self._block(node)
-        from_end = -axis if axis < 0 else rank - axis
-        if all(c.from_end == from_end for c in incoming):
-            segments = tuple(segment for c in incoming for segment in c.segments)
-            self.channels[node.outputs[0].name] = Channels(from_end, rank, segments)
-            return
-        channels = self._unify(incoming)
-        if channels is not None:
-            self.channels[node.outputs[0].name] = channels.with_rank(rank)
-
-    def _batchnorm(self, node: gs.Node) -> None:
-        incoming = self._channel_first(node.inputs[0])
-        if not incoming:
-            return None if incoming is None else self._block(node)
-        parameters = [self._stored(t) for t in node.inputs[1:]]
-        if any(p is None for p in parameters) or len(node.outputs) != 1:
-            return self._block(node)
-        for slot, _ in parameters:
-            self._member(node, slot, 0, incoming)
-        self.channels[node.outputs[0].name] = incoming
-
-    def _layernorm(self, node: gs.Node) -> None:
-        incoming = self.channels.get(node.inputs[0].name)
-        if incoming is None:
-            return
-        axis = node.attrs.get("axis", -1)
-        parameters = [self._stored(t) for t in node.inputs[1:] if t.name]
-        normalizes_channels_only = incoming.from_end == 1 and (axis == -1 or axis == incoming.axis)
-        if not normalizes_channels_only or any(p is None or len(p[1]) != 1 for p in parameters):
-            return self._block(node)
-        for slot, _ in parameters:
-            self._member(node, slot, 0, incoming)
-        self.channels[node.outputs[0].name] = incoming
-
-    def _flatten(self, node: gs.Node) -> None:
-        """The usual CNN head: (N, C, 1, 1) flattened to (N, C) keeps the channel order on axis 1."""
-        incoming = self._channel_first(node.inputs[0])
-        if not incoming:
-            return None if incoming is None else self._block(node)
-        shape = node.inputs[0].shape
-        spatial_is_one = shape is not None and all(dim == 1 for dim in shape[2:])
-        out_shape = node.outputs[0].shape
-        keeps_axis = node.attrs.get("axis", 1) == 1 if node.op == "Flatten" else (
-            out_shape is not None and len(out_shape) == 2 and out_shape[1] == incoming.total)
-        if not spatial_is_one or not keeps_axis:
-            return self._block(node)
-        self.channels[node.outputs[0].name] = incoming.at_axis(1, 2)
-
-    def _squeeze(self, node: gs.Node) -> None:
-        incoming = self._channel_first(node.inputs[0])
-        if not incoming:
-            return None if incoming is None else self._block(node)
-        axes = node.attrs.get("axes")
-        if axes is None and len(node.inputs) > 1:
-            axes = constant_value(node.inputs[1])
-        if axes is None:
-            return self._block(node)
-        axes = [int(a) % incoming.rank for a in np.atleast_1d(axes)]
-        if min(axes) < 2:
-            return self._block(node)
-        self.channels[node.outputs[0].name] = incoming.at_axis(1, incoming.rank - len(axes))
-
-    def _reduce(self, node: gs.Node) -> None:
-        incoming = self.channels.get(node.inputs[0].name)
-        if incoming is None:
-            return
-        axes = node.attrs.get("axes")
-        if axes is None and len(node.inputs) > 1 and node.inputs[1].name:
-            axes = constant_value(node.inputs[1])
-        if axes is None or incoming.rank is None or len(np.atleast_1d(axes)) == 0:
-            return self._block(node)
-        axes = {int(a) % incoming.rank for a in np.atleast_1d(axes)}
-        if incoming.axis in axes:
-            return self._block(node)
-        keepdims = node.attrs.get("keepdims", 1)
-        from_end = incoming.from_end if keepdims else incoming.from_end - sum(a > incoming.axis for a in axes)
-        rank = incoming.rank if keepdims else incoming.rank - len(axes)
-        self.channels[node.outputs[0].name] = Channels(from_end, rank, incoming.segments)
-
-    def _pad(self, node: gs.Node) -> None:
-        incoming = self._channel_first(node.inputs[0])
-        if not incoming:
-            return None if incoming is None else self._block(node)
-        pads = node.attrs.get("pads") if len(node.inputs) < 2 else constant_value(node.inputs[1])
-        value_ok = len(node.inputs) < 3 or not node.inputs[2].name or self._stored(node.inputs[2]) is not None
-        if (pads is None or node.attrs.get("mode", "constant") != "constant" or not value_ok
-                or (len(node.inputs) > 3 and node.inputs[3].name)):
-            return self._block(node)
-        pads = np.asarray(pads)
-        if pads[1] != 0 or pads[1 + incoming.rank] != 0:
-            return self._block(node)
-        self._carry(node.inputs[0], node.outputs[0])
-
-    def _resize(self, node: gs.Node) -> None:
-        incoming = self._channel_first(node.inputs[0])
-        if not incoming:
-            return None if incoming is None else self._block(node)
-        scales = constant_value(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2].name else None
-        sizes = constant_value(node.inputs[3]) if len(node.inputs) > 3 and node.inputs[3].name else None
-        keeps = (scales is not None and scales.size == incoming.rank and scales[1] == 1) or (
-            sizes is not None and sizes.size == incoming.rank and sizes[1] == incoming.total)
-        if not keeps:
-            return self._block(node)
-        self._carry(node.inputs[0], node.outputs[0])
-
 
 def permutation_groups(proto: onnx.ModelProto, structure: ModelStructure) -> list[PermutationGroup]:
     """The permutation spec of a model, derived from its graph (``structure`` gives the slot numbers)."""
+    return channel_spec(proto, structure).groups
+
+
+def channel_spec(proto: onnx.ModelProto, structure: ModelStructure) -> ChannelSpec:
+    """The permutation groups of :func:`permutation_groups` and the nodes that pinned spaces, with reasons."""
     if any(attribute.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
            for node in proto.graph.node for attribute in node.attribute):
         raise BadInputError("alignment does not support models with If/Loop/Scan subgraphs")
@@ -460,7 +215,9 @@ def permutation_groups(proto: onnx.ModelProto, structure: ModelStructure) -> lis
                 slot_of[node.output[0]] = slot_by_id[id(attribute.t)]
     graph = import_graph(proto)
     infer_shapes(graph, proto)
-    return _ChannelAnalysis(graph, slot_of).groups()
+    analysis = _ChannelAnalysis(graph, slot_of)
+    groups = analysis.groups()
+    return ChannelSpec(groups, analysis.pins)
 
 
 # ------------------------------------------------------------------------------------------------ matching

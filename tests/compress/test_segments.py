@@ -11,7 +11,8 @@ from onnx import numpy_helper
 from rich.console import Console
 
 from models.export import export
-from onnxmerge.layermerge.segments import ACTIVATION_KINDS, analyse_chain, inspect_tables
+from onnxmerge.layermerge.report import chain_tables
+from onnxmerge.layermerge.segments import ACTIVATION_KINDS, analyse_chain
 from onnxmerge.errors import BadInputError
 from onnxmerge.pipeline import run_pipeline, select_passes
 
@@ -89,7 +90,7 @@ def test_resnet34_matches_layermerge_enumeration(zoo):
 
 def test_inspect_tables_show_chain_and_counts(zoo):
     console = Console(record=True, width=250)
-    for table in inspect_tables(zoo("mobilenet_v2")[1]):
+    for table in chain_tables(zoo("mobilenet_v2")[1]):
         console.print(table)
     text = console.export_text()
     assert "171 segments, 391 (segment, kernel) entries" in text
