@@ -24,7 +24,7 @@ import onnx
 from onnxmerge.layermerge.build import SegmentChoice, apply_segments, merged_conv
 from onnxmerge.layermerge.segments import ChainAnalysis, KernelOption
 from onnxmerge.conv_algebra import ConvParams
-from onnxmerge.graph import export_graph, import_graph
+from onnxmerge.graph import export_graph, import_graph, run_shape_inference
 from onnxmerge.io import clamp_ir_version
 from onnxmerge.dataset import Dataset, run_batched
 from onnxmerge.runner import make_session
@@ -114,7 +114,7 @@ def suffix_model(model: onnx.ModelProto, inputs: dict[str, np.ndarray]) -> onnx.
 
 def with_outputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
     """A copy of the model that also returns the given intermediate tensors (dtype from shape inference)."""
-    inferred = onnx.shape_inference.infer_shapes(model)
+    inferred = run_shape_inference(model)
     types = {v.name: v for v in list(inferred.graph.value_info) + list(inferred.graph.input)
              + list(inferred.graph.output)}
     copy = onnx.ModelProto()

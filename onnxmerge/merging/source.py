@@ -11,16 +11,14 @@ import hashlib
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
-from tempfile import TemporaryDirectory
 
 import numpy as np
 import onnx
 from onnx import TensorProto, numpy_helper
 from onnx.external_data_helper import load_external_data_for_tensor
 
-from onnxmerge.io import ModelLike, iter_tensors, load_model
+from onnxmerge.io import ModelLike, iter_tensors, load_model, temporary_model_file
 
-_SPILL_NAME = "model.onnx"
 _HASH_CHUNK = 1 << 20
 
 
@@ -79,10 +77,8 @@ def spill(proto: onnx.ModelProto, stack: ExitStack) -> tuple[Path, onnx.ModelPro
     Returns the folder and the graph re-read without data. ``proto`` is consumed: protobuf keeps a message's
     bytes allocated until the message itself is freed, so only the re-read copy is small.
     """
-    data_dir = Path(stack.enter_context(TemporaryDirectory(prefix="onnxmerge-soup-")))
-    onnx.save_model(proto, str(data_dir / _SPILL_NAME), save_as_external_data=True, location=_SPILL_NAME + ".data",
-                    size_threshold=1024, convert_attribute=True)
-    return data_dir, onnx.load(str(data_dir / _SPILL_NAME), load_external_data=False)
+    path = stack.enter_context(temporary_model_file(proto, prefix="onnxmerge-soup-"))
+    return path.parent, onnx.load(str(path), load_external_data=False)
 
 
 def _file_hashes(path: Path, external_proto: onnx.ModelProto | None) -> dict:
