@@ -17,7 +17,7 @@ from typing import ClassVar
 import onnx
 import onnx_graphsurgeon as gs
 
-from onnxmerge.graph import infer_shapes
+from onnxmerge.graph import bypass, infer_shapes
 from onnxmerge.refusal import Refusal, Refused
 
 __all__ = ["SHAPES", "GraphPass", "NodeRewritePass", "PASSES", "PassContext", "PassOptions", "PassResult",
@@ -126,4 +126,20 @@ def register_pass(cls: type[GraphPass]) -> type[GraphPass]:
         raise ValueError(f"pass name {cls.name!r} registered twice")
     PASSES[cls.name] = cls
     return cls
+
+
+class NoopRemovalPass(NodeRewritePass):
+    """Removes nodes whose output always equals their first input (same values, dtype and shape); a subclass
+    says, by raising :class:`Refused` from :meth:`check_noop`, when that is not proven."""
+
+    requires = frozenset({SHAPES})
+    preserves_shapes = True
+
+    def rewrite(self, graph: gs.Graph, node: gs.Node, ctx: PassContext) -> None:
+        self.check_noop(node)
+        bypass(graph, node, node.inputs[0], node.outputs[0])
+
+    @abstractmethod
+    def check_noop(self, node: gs.Node) -> None:
+        """Return when ``node`` provably copies its first input, else raise Refused."""
 

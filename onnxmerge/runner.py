@@ -167,21 +167,6 @@ _ORT_TYPE_TO_NUMPY = {"tensor(float)": np.float32, "tensor(float16)": np.float16
                       "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(bool)": np.bool_}
 
 
-def parse_input_shapes(specs: list[str] | None) -> dict[str | None, tuple[int, ...]]:
-    """Parse ``name:1,3,224,224`` (or bare dims for a single-input model); split on the last colon."""
-    shapes: dict[str | None, tuple[int, ...]] = {}
-    for spec in specs or []:
-        name, _, dims = spec.rpartition(":")
-        try:
-            shape = tuple(int(d) for d in dims.split(","))
-        except ValueError:
-            raise BadInputError(f"bad --input-shape '{spec}': expected name:d0,d1,... with integer dims") from None
-        if not shape or any(d <= 0 for d in shape):
-            raise BadInputError(f"bad --input-shape '{spec}': dims must be positive integers")
-        shapes[name or None] = shape
-    return shapes
-
-
 @dataclass
 class InputSpec:
     name: str

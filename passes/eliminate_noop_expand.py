@@ -5,21 +5,18 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnxmerge.graph import bypass, constant_value, known_dims, static_shape
-from onnxmerge.pass_framework import SHAPES, NodeRewritePass, PassContext, Refused, register_pass
+from onnxmerge.graph import constant_value, known_dims, static_shape
+from onnxmerge.pass_framework import NoopRemovalPass, Refused, register_pass
 
 
 @register_pass
-class EliminateNoopExpand(NodeRewritePass):
+class EliminateNoopExpand(NoopRemovalPass):
     name = "eliminate_noop_expand"
     description = "Remove Expands whose output shape equals their input shape."
-    preserves_shapes = True
     op_types = ("Expand",)
-    requires = frozenset({SHAPES})
 
-    def rewrite(self, graph: gs.Graph, node: gs.Node, ctx: PassContext) -> None:
+    def check_noop(self, node: gs.Node) -> None:
         check_noop(node)
-        bypass(graph, node, node.inputs[0], node.outputs[0])
 
 
 def check_noop(node: gs.Node) -> None:

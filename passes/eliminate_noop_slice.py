@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import onnx_graphsurgeon as gs
 
-from onnxmerge.graph import bypass, ints_param, known_dims, static_shape
-from onnxmerge.pass_framework import SHAPES, NodeRewritePass, PassContext, Refused, register_pass
+from onnxmerge.graph import ints_param, known_dims, static_shape
+from onnxmerge.pass_framework import NoopRemovalPass, Refused, register_pass
 
 # An end this large slices to the end of an axis of any size an exporter can mean (they write INT_MAX or
 # INT64_MAX for "to the end" when the size is dynamic).
@@ -13,16 +13,13 @@ _TO_THE_END = 2**31 - 1
 
 
 @register_pass
-class EliminateNoopSlice(NodeRewritePass):
+class EliminateNoopSlice(NoopRemovalPass):
     name = "eliminate_noop_slice"
     description = "Remove Slices with step 1 that start at 0 and end at or past the end of every sliced axis."
-    preserves_shapes = True
     op_types = ("Slice",)
-    requires = frozenset({SHAPES})
 
-    def rewrite(self, graph: gs.Graph, node: gs.Node, ctx: PassContext) -> None:
+    def check_noop(self, node: gs.Node) -> None:
         check_noop(node)
-        bypass(graph, node, node.inputs[0], node.outputs[0])
 
 
 def check_noop(node: gs.Node) -> None:
