@@ -147,3 +147,15 @@ def test_library_errors_name_parameters_and_the_cli_names_flags(tmp_path):
     assert result.returncode == 2 and "--input-shape names unknown input" in result.stderr
     assert to_cli_terms("use method='weighted'") == "use --method weighted"
     assert to_cli_terms("speedup=0.9 must be > 1") == "--speedup 0.9 must be > 1"
+
+
+def test_batch_writes_its_report_where_json_says(model_path, tmp_path):
+    zoo = tmp_path / "zoo"
+    zoo.mkdir()
+    (zoo / "m.onnx").write_bytes(model_path.read_bytes())
+    report = tmp_path / "batch.json"
+    result = _cli("batch", zoo, "-o", tmp_path / "out", "--jobs", "1", "--json", report)
+    assert result.returncode == 0, result.stderr
+    data = json.loads(report.read_text())
+    assert [m["model"] for m in data["models"]] == ["m.onnx"] and data["exit_code"] == 0
+

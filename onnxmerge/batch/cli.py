@@ -9,6 +9,8 @@ import signal
 from rich.console import Console
 from rich.text import Text
 
+from onnxmerge.cli_options import add_json_option
+
 from onnxmerge.batch.executors import EXECUTORS
 from onnxmerge.batch.pipelines import PIPELINES
 from onnxmerge.batch.results import FAILED, OK, REFUSED, SKIPPED, ModelResult
@@ -40,6 +42,7 @@ def register(commands) -> None:
     batch.add_argument("--executor", default="local", choices=EXECUTORS,
                        help="local worker processes, or Ray tasks (pip install 'onnxmerge[ray]')")
     batch.add_argument("--ray-address", metavar="ADDR", help="Ray cluster to use (default: start Ray locally)")
+    add_json_option(batch)
     batch.add_argument("--bench", action="store_true",
                        help="also time each original and result interleaved in ORT and report the speed-up "
                             "(models in flight share the CPU: --jobs 1 gives the quietest timings)")
@@ -67,6 +70,10 @@ def _run_batch(args: argparse.Namespace, console: Console) -> int:
         raise
     console.print(report.summary(), highlight=False, soft_wrap=True)
     console.print(f"report: {reports}", highlight=False, soft_wrap=True)
+    if args.json:  # the same JSON report, also where --json says (as on every command)
+        from onnxmerge.report import write_json
+
+        write_json(report.to_dict(), args.json)
     return report.exit_code
 
 
