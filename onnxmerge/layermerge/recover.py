@@ -40,6 +40,8 @@ TEMPERATURE = 2.0
 # range for the zoo); a weight stored in the wrong place or dtype is off by orders of magnitude more.
 CHECK_RTOL = 1e-4
 MAX_HELDOUT = 256
+_NO_WEIGHTS = ("the student has no Conv/ConvTranspose/Gemm/MatMul weights stored as initializers; there is nothing "
+               "to train")
 
 
 @dataclass
@@ -87,8 +89,7 @@ def distill(student: onnx.ModelProto, teacher: ModelLike, calibration: Dataset |
     outputs = _float_outputs(student, teacher)
     module = OnnxModule(student)
     if not list(module.parameters()):
-        raise BadInputError("the student has no Conv/ConvTranspose/Gemm/MatMul weights stored as initializers; "
-                            "there is nothing to train")
+        raise BadInputError(_NO_WEIGHTS)
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -112,6 +113,30 @@ def distill(student: onnx.ModelProto, teacher: ModelLike, calibration: Dataset |
                                 f"(tolerance {result.tolerance:.3g}); the final ONNX must be exactly what was "
                                 "trained", report=result.summary())
     return result
+
+
+def check_trainable(student: ModelLike, calibration: Dataset | dict[str, np.ndarray], *, threads: int = 2) -> None:
+    """Refuse, in seconds, a student that :func:`distill` could not train: an op the torch bridge lacks, no
+    weights, or a graph that does not run in torch at a batch other than its export batch (one forward, no
+    gradient, on a few calibration rows). Raises the BadInputError distill would raise after the tables."""
+    student = load_model(student).proto
+    module = OnnxModule(student)
+    if not list(module.parameters()):
+        raise BadInputError(_NO_WEIGHTS)
+    if not isinstance(calibration, Dataset):
+        calibration = load_dataset(calibration, student, what="calibration")
+    arrays = calibration.arrays
+    count = len(next(iter(arrays.values())))
+    if not count:
+        return
+    rows = np.arange(3 if module.export_batch == 2 else 2) % count  # a batch the export did not fix
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.no_grad():
+            _forward(module, _rows(arrays, rows))
+    finally:
+        torch.set_num_threads(previous_threads)
 
 
 def _check_calibration(student: onnx.ModelProto, teacher: onnx.ModelProto,
@@ -168,7 +193,8 @@ def _forward(module: OnnxModule, inputs: dict[str, np.ndarray | torch.Tensor]) -
     except RuntimeError as exc:
         count = len(next(iter(inputs.values())))
         raise BadInputError(f"the student does not run in torch on a batch of {count} ({first_line(exc)}); "
-                            "a graph that hard-codes its batch size needs a dynamic-batch export") from None
+                            "the graph hard-codes its batch size where the torch student cannot generalise it: "
+                            "export it with a dynamic batch, or pass recover=False to skip accuracy recovery") from None
     return dict(zip(module.output_names, result if isinstance(result, tuple) else (result,)))
 
 

@@ -5,6 +5,15 @@ a small op set, so each op is run with the torch function that reproduces ONNX R
 Conv/ConvTranspose/Gemm/MatMul weights and biases become parameters (what a depth-compressed net re-learns);
 every other tensor (BN statistics, shapes, Resize scales) is a buffer, and ``write_back`` changes nothing but
 the parameters' initializers.
+
+A batch-B export (B a fixed positive dim 0 of the graph inputs) often bakes B into shape arguments: the legacy
+exporter writes ``x.view(1, -1)`` and ``x.view(x.size(0), -1)`` alike as Reshape(x, [1, -1]), and Expand or
+Resize targets as [1, C, H, W]. Training needs other batch sizes, so the module runs such an argument with
+the running batch instead, where that is provably the export batch and nothing else: the argument is a
+constant (it depends on no graph input), its entry for the data's axis 0 equals B, and the data's axis 0 is
+the graph inputs' batch axis (traced from the inputs through ops that keep axis 0 as it is). At batch B the
+module computes exactly what the graph computes; the ONNX itself (and what ``write_back`` writes) keeps the
+shapes the user exported.
 """
 
 from __future__ import annotations
@@ -23,6 +32,8 @@ from torch import nn
 
 from onnxmerge import activations
 from onnxmerge.activations import Activation
+from onnxmerge.canonical import graph_inputs, is_dynamic_dim
+from onnxmerge.dataset import fixed_batch
 from onnxmerge.errors import BadInputError
 from onnxmerge.graph import constant_value, import_graph
 from onnxmerge.io import io_signature, load_model
@@ -38,6 +49,7 @@ class _Node:
     attrs: dict
     opset: int
     activation: Activation | None = None  # an activation of the table whose parameters are constants
+    batch: int | None = None  # the export batch, baked into this node's shape argument: run with the real one
 
 
 _OPS: dict[str, Callable] = {}
@@ -84,6 +96,32 @@ class OnnxModule(nn.Module):
             for node in constants:
                 self._add(node.output[0], torch.from_numpy(np.array(constant_value(tensors[node.output[0]]))))
         self._nodes = [self._with_activation(node) for node in self._nodes]
+        self.export_batch = fixed_batch(proto)  # dataset's rule: the first input's static dim 0
+        if self.export_batch is not None:
+            rewrites = _batch_rewrites(proto, self._nodes, self._constant_values(), self.export_batch)
+            self._nodes = [replace(node, batch=self.export_batch) if index in rewrites else node
+                           for index, node in enumerate(self._nodes)]
+        # ONNX names of the nodes whose export batch is replaced by the running one (for reports and tests)
+        self.batch_generalised = [node.outputs[0] for node in self._nodes if node.batch is not None]
+
+    def _constant_values(self) -> dict[str, torch.Tensor]:
+        """Every small tensor that depends on no graph input and no parameter (shape arguments, pads, scales):
+        the buffers, and what the nodes computing only from them compute (evaluated once, here)."""
+        values = {name: getattr(self, slot) for name, slot in self._slots.items()
+                  if not isinstance(getattr(self, slot), nn.Parameter)}
+        with torch.no_grad():
+            for node in self._nodes:
+                inputs = [values.get(name) if name else None for name in node.inputs]
+                if any(name and value is None for name, value in zip(node.inputs, inputs)):
+                    continue
+                if sum(value.numel() for value in inputs if value is not None) > _CONSTANT_NUMEL:
+                    continue
+                try:
+                    result = _OPS[node.op](node, *inputs)
+                except Exception:  # noqa: BLE001 - a constant this cannot evaluate just stays unknown
+                    continue
+                values.update(zip(node.outputs, result if isinstance(result, tuple) else (result,)))
+        return values
 
     def _with_activation(self, node: _Node) -> _Node:
         """The node with its table activation resolved once, when its parameter inputs are constants."""
@@ -123,7 +161,10 @@ class OnnxModule(nn.Module):
             raise BadInputError(f"the module takes inputs {self.input_names} (missing {missing}, "
                                 f"{len(args)} given by position)")
         for node in self._nodes:
-            result = _OPS[node.op](node, *[env[name] if name else None for name in node.inputs])
+            try:
+                result = _OPS[node.op](node, *[env[name] if name else None for name in node.inputs])
+            except RuntimeError as exc:  # name the node: a shape error alone does not say where
+                raise RuntimeError(f"{node.op} '{node.outputs[0]}': {str(exc).strip()}") from exc
             env.update(zip(node.outputs, result if isinstance(result, tuple) else (result,)))
         outputs = tuple(env[name] for name in self.output_names)
         return outputs[0] if len(outputs) == 1 else outputs
@@ -221,6 +262,208 @@ def _trainable_initializers(graph: onnx.GraphProto) -> set[str]:
                     name = identity_source[name]
                 names.add(name)
     return names & {t.name for t in graph.initializer}
+
+
+# ---- a batch baked into shape arguments ------------------------------------------------------------------------
+
+_CONSTANT_NUMEL = 4096  # shape arguments are tiny; bigger all-constant subgraphs are not evaluated ahead
+# Ops whose first output keeps the first input's axis 0 (elementwise in it, or acting on the other axes).
+_ROW_OPS = frozenset({"Conv", "ConvTranspose", "BatchNormalization", "MaxPool", "AveragePool", "GlobalAveragePool",
+                      "GlobalMaxPool", "Cast", "Identity", "Dropout", "Erf", "Sqrt", "Softmax",
+                      *activations.SINGLE_OPS})
+_BROADCAST_OPS = frozenset({"Add", "Sub", "Mul", "Div", "Pow", "Equal", "Where"})
+_FULL_SLICE = 2 ** 31 - 1  # an end at least this large takes the whole axis (exporters write INT64_MAX)
+
+
+def _export_shapes(proto: onnx.ModelProto) -> dict[str, tuple[int | None, ...]]:
+    """Tensor shapes at the exported input shapes, as far as ONNX shape inference finds them (None: unknown)."""
+    graph = proto.graph
+    small = [t for t in graph.initializer if math.prod(t.dims) <= _CONSTANT_NUMEL]
+    big = [helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in graph.initializer
+           if math.prod(t.dims) > _CONSTANT_NUMEL]  # weights: their shapes are all inference needs of them
+    inputs = [*graph_inputs(proto), *big]
+    light = helper.make_model(helper.make_graph(graph.node, graph.name, inputs, graph.output, small,
+                                                value_info=graph.value_info),
+                              opset_imports=proto.opset_import, ir_version=proto.ir_version)
+    try:
+        inferred = onnx.shape_inference.infer_shapes(light, data_prop=True)
+    except Exception:  # noqa: BLE001 - a model shape inference cannot read: every shape stays unknown
+        return {}
+    shapes = {}
+    for value in [*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output]:
+        tensor = value.type.tensor_type
+        if value.type.HasField("tensor_type") and tensor.HasField("shape"):
+            shapes[value.name] = tuple(d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None
+                                       for d in tensor.shape.dim)
+    return shapes
+
+
+def _batch_rewrites(proto: onnx.ModelProto, nodes: list[_Node], values: dict[str, torch.Tensor],
+                    batch: int) -> set[int]:
+    """Indices of the nodes (Reshape, Expand, Resize sizes) whose constant shape argument holds the export
+    batch ``batch`` for a data input whose axis 0 is the graph inputs' batch axis.
+
+    ``batched`` is traced from the graph inputs exported with dim 0 = ``batch`` (calibration feeds every input
+    N rows) through the ops that keep axis 0 where it is; any op or argument the rules do not prove keeps the
+    batch ends the trace there, so nothing downstream of it is rewritten.
+    """
+    shapes = _export_shapes(proto)
+    shapes.update({name: tuple(value.shape) for name, value in values.items()})
+    batched = set()
+    for value in graph_inputs(proto):
+        dims = value.type.tensor_type.shape.dim
+        if dims and not is_dynamic_dim(dims[0]) and dims[0].dim_value == batch:
+            batched.add(value.name)
+    rewrites = set()
+    for index, node in enumerate(nodes):
+        keeps, rewrite = _keeps_batch(node, batched, shapes, values, batch)
+        if rewrite:
+            rewrites.add(index)
+        if keeps:
+            batched.update(name for name in node.outputs if name)
+    return rewrites
+
+
+def _ints(values: dict[str, torch.Tensor], name: str) -> list[int] | None:
+    value = values.get(name) if name else None
+    if value is None or value.is_floating_point() or value.dim() > 1:
+        return None
+    return [int(v) for v in value.reshape(-1).tolist()]
+
+
+def _node_axes(node: _Node, values: dict[str, torch.Tensor], position: int) -> list[int] | None:
+    """A node's axes from its attribute, or from its constant input at ``position``; None when unknown."""
+    if "axes" in node.attrs:
+        return list(node.attrs["axes"])
+    if len(node.inputs) > position and node.inputs[position]:
+        return _ints(values, node.inputs[position])
+    return None
+
+
+def _keeps_batch(node: _Node, batched: set[str], shapes: dict, values: dict[str, torch.Tensor],
+                 batch: int) -> tuple[bool, bool]:
+    """(the outputs' axis 0 is the batch axis, the node's shape argument is to take the running batch)."""
+    op, inputs, attrs = node.op, node.inputs, node.attrs
+    rank = {name: len(shapes[name]) for name in inputs if name in shapes}
+
+    def axis_zero(axes: list[int] | None, rank_: int | None) -> bool | None:
+        """Whether axis 0 is among ``axes`` (None: unknown, as a negative axis needs the rank)."""
+        if axes is None or (any(a < 0 for a in axes) and rank_ is None):
+            return None
+        return any(a % rank_ == 0 if a < 0 else a == 0 for a in axes)
+
+    if op in _BROADCAST_OPS:  # the output's axis 0 is a batched input's when no other input outranks it
+        present = [name for name in inputs if name]
+        for name in present:
+            if name not in batched or name not in rank:
+                continue
+            others = [other for other in present if other != name]
+            if all(other in rank and (rank[other] < rank[name] or other in batched or
+                                      (rank[other] == rank[name] and shapes[other][0] == 1)) for other in others):
+                return True, False
+        return False, False
+    x = inputs[0] if inputs else ""
+    if op == "Gather" and attrs.get("axis", 0) == 0 and len(inputs) > 1 and inputs[1] in batched:
+        return rank.get(inputs[1], 0) >= 1, False  # a lookup of batched indices (an embedding)
+    if x not in batched:
+        return False, False
+    x_rank = rank.get(x)
+    if op in _ROW_OPS:
+        return True, False
+    if op == "Reshape":
+        target = _ints(values, inputs[1])
+        if not target:
+            return False, False
+        if target[0] == batch:
+            return True, True
+        if target[0] == 0 and not attrs.get("allowzero", 0):
+            return True, False
+        out = shapes.get(node.outputs[0])
+        return target[0] == -1 and bool(out) and out[0] == batch, False
+    if op == "Expand":  # the target entry aligned with the data's axis 0 (targets align from the right)
+        target = _ints(values, inputs[1])
+        if target is None or x_rank is None or len(target) < x_rank:
+            return False, False
+        aligned = len(target) - x_rank
+        if target[aligned] == batch:
+            return aligned == 0, True
+        return aligned == 0 and target[aligned] == 1, False
+    if op == "Resize":
+        sizes = _ints(values, inputs[3]) if len(inputs) > 3 and inputs[3] else None
+        if sizes:
+            return sizes[0] == batch, sizes[0] == batch
+        scales_name = inputs[1] if node.opset < 11 else (inputs[2] if len(inputs) > 2 else "")
+        scales = values.get(scales_name) if scales_name else None
+        return scales is not None and scales.numel() > 0 and float(scales.reshape(-1)[0]) == 1.0, False
+    if op == "Flatten":
+        axis = attrs.get("axis", 1)
+        return axis == 1 or (axis < 0 and x_rank is not None and axis + x_rank == 1), False
+    if op == "Transpose":
+        perm = attrs.get("perm")
+        return (perm[0] == 0) if perm else x_rank == 1, False
+    if op == "Squeeze":
+        return axis_zero(_node_axes(node, values, 1), x_rank) is False, False
+    if op == "Unsqueeze":
+        axes = _node_axes(node, values, 1)
+        out_rank = None if x_rank is None or axes is None else x_rank + len(axes)
+        return axis_zero(axes, out_rank) is False, False
+    if op in ("Concat", "Split", "Gather"):
+        axis = attrs.get("axis", 0)
+        return axis_zero([axis], x_rank if op != "Concat" else max(rank.values(), default=None)) is False, False
+    if op == "Tile":
+        repeats = _ints(values, inputs[1])
+        return bool(repeats) and repeats[0] == 1, False
+    if op == "Gemm":
+        return not attrs.get("transA", 0), False
+    if op == "MatMul":
+        other = rank.get(inputs[1])
+        return x_rank is not None and other is not None and 2 <= x_rank and other <= x_rank, False
+    if op == "ReduceMean":
+        axes = _node_axes(node, values, 1)
+        if not axes:
+            return bool(attrs.get("noop_with_empty_axes", 0)) and axes is not None, False
+        return axis_zero(axes, x_rank) is False, False
+    if op == "Pad":
+        return _pad_keeps_batch(node, values, x_rank), False
+    if op == "Slice":
+        return _slice_keeps_batch(node, values, x_rank), False
+    return False, False
+
+
+def _pad_keeps_batch(node: _Node, values: dict[str, torch.Tensor], x_rank: int | None) -> bool:
+    inputs = node.inputs
+    pads = list(node.attrs["pads"]) if "pads" in node.attrs else _ints(values, inputs[1] if len(inputs) > 1 else "")
+    if not pads:
+        return False
+    if len(inputs) > 3 and inputs[3]:
+        axes = _ints(values, inputs[3])
+        if axes is None or (x_rank is None and any(a < 0 for a in axes)):
+            return False
+        axes = [a % x_rank if a < 0 else a for a in axes]
+    else:
+        axes = list(range(len(pads) // 2))
+    return all(pads[i] == 0 and pads[len(axes) + i] == 0 for i, axis in enumerate(axes) if axis == 0)
+
+
+def _slice_keeps_batch(node: _Node, values: dict[str, torch.Tensor], x_rank: int | None) -> bool:
+    """True when the slice leaves axis 0 whole (not sliced, or sliced from 0 to the end with step 1)."""
+    if "starts" in node.attrs:  # opset < 10
+        starts, ends, axes, steps = node.attrs["starts"], node.attrs["ends"], node.attrs.get("axes"), None
+    else:
+        inputs = list(node.inputs) + [""] * (5 - len(node.inputs))
+        starts, ends = _ints(values, inputs[1]), _ints(values, inputs[2])
+        axes = _ints(values, inputs[3]) if inputs[3] else None
+        steps = _ints(values, inputs[4]) if inputs[4] else None
+        if starts is None or ends is None or (inputs[3] and axes is None) or (inputs[4] and steps is None):
+            return False
+    axes = list(axes) if axes is not None else list(range(len(starts)))
+    steps = steps if steps is not None else [1] * len(starts)
+    for start, end, axis, step in zip(starts, ends, axes, steps):
+        if axis < 0 and x_rank is None:
+            return False
+        if (axis % x_rank if axis < 0 else axis) == 0 and not (start == 0 and step == 1 and end >= _FULL_SLICE):
+            return False
+    return True
 
 
 # ---- padding shared by Conv and the pools -------------------------------------------------------------------
@@ -356,6 +599,16 @@ def _mul(node, a, b):
     return a * b
 
 
+@_op("Equal")
+def _equal(node, a, b):
+    return torch.eq(a, b)
+
+
+@_op("Where")
+def _where(node, condition, a, b):
+    return torch.where(condition, a, b)
+
+
 @_op("Div")
 def _div(node, a, b):
     """Integer Div truncates in ONNX (C++ semantics), not floors as Python does."""
@@ -416,7 +669,31 @@ def _flatten(node, x):
 def _reshape(node, x, shape):
     keep_zero = node.attrs.get("allowzero", 0)
     dims = [x.shape[i] if d == 0 and not keep_zero else d for i, d in enumerate(shape.tolist())]
+    if node.batch is not None and dims and dims[0] == node.batch:
+        dims[0] = x.shape[0]
     return x.reshape(dims)
+
+
+@_op("Expand")
+def _expand(node, x, shape):
+    """ONNX Expand broadcasts both ways (a target 1 keeps the input's dim), aligned from the right."""
+    dims = [int(d) for d in shape.tolist()]
+    aligned = len(dims) - x.dim()
+    if node.batch is not None and aligned >= 0 and dims[aligned] == node.batch:
+        dims[aligned] = x.shape[0]
+    return x.expand(torch.broadcast_shapes(tuple(x.shape), tuple(dims)))
+
+
+@_op("Tile")
+def _tile(node, x, repeats):
+    return x.repeat(*[int(r) for r in repeats.tolist()])
+
+
+@_op("ConstantOfShape")
+def _constant_of_shape(node, shape):
+    value = node.attrs.get("value")
+    fill = np.asarray(numpy_helper.to_array(value)).reshape(-1)[:1] if value is not None else np.zeros(1, np.float32)
+    return torch.from_numpy(fill.copy()).reshape(()).expand(tuple(int(d) for d in shape.tolist())).clone()
 
 
 @_op("Transpose")
@@ -587,6 +864,8 @@ def _resize(node, x, roi=None, scales=None, sizes=None):
     transform = a.get("coordinate_transformation_mode", "half_pixel" if node.opset >= 11 else "asymmetric")
     if sizes is not None and sizes.numel():
         out_shape = [int(s) for s in sizes.tolist()]
+        if node.batch is not None and out_shape[0] == node.batch:
+            out_shape[0] = x.shape[0]
         factors = [np.float32(o) / np.float32(i) for o, i in zip(out_shape, x.shape)]
     else:
         factors = [np.float32(s) for s in scales.tolist()]

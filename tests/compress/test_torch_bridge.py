@@ -160,6 +160,22 @@ def shape_ops():
     return model, feeds_for((2, 3, 4, 6))
 
 
+def broadcast_ops():
+    """What the legacy exporter writes for ``x.expand(...)`` (ConstantOfShape/Mul/Equal/Where building the
+    target), Expand both ways and with a longer target, and Tile."""
+    g = GraphBuilder((2, 1, 3, 1), opset=17)
+    ones = g.node("ConstantOfShape", [g.const(ints([4]))], value=numpy_helper.from_array(ints([1])))
+    minus = g.node("Mul", [ones, g.const(ints(-1))])
+    wanted = g.const(ints([2, 4, 3, 5]))
+    target = g.node("Where", [g.node("Equal", [wanted, minus]), ones, wanted])
+    expanded = g.node("Expand", ["x", target])
+    both_ways = g.node("Expand", ["x", g.const(ints([1, 3, 1, 2]))])  # a target 1 keeps the input's dim
+    longer = g.node("Expand", ["x", g.const(ints([2, 1, 1, 1, 4]))])
+    tiled = g.node("Tile", ["x", g.const(ints([1, 2, 1, 3]))])
+    zeros = g.node("Add", ["x", g.node("ConstantOfShape", [g.const(ints([2, 1, 1, 1]))])])
+    return g.build([expanded, both_ways, longer, tiled, zeros], ir_version=9), feeds_for((2, 1, 3, 1))
+
+
 def resize_cases():
     g = GraphBuilder((1, 2, 5, 6), opset=18)
     outs = []
@@ -194,7 +210,7 @@ def test_old_resize_forms_match_ort(model):
     assert_matches_ort(model, feeds_for((1, 2, 3, 4)))
 
 
-CASES = [convs, conv_1d_3d, dense, activations, old_opset_forms, pools, shape_ops, resize_cases]
+CASES = [convs, conv_1d_3d, dense, activations, old_opset_forms, pools, shape_ops, broadcast_ops, resize_cases]
 
 
 @pytest.mark.parametrize("case", CASES, ids=[case.__name__ for case in CASES])
