@@ -8,6 +8,7 @@ calibration data) → plan (exact DP under a budget, closed loop on measured lat
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -18,7 +19,7 @@ import onnx
 from onnxmerge.activations import Activation
 from onnxmerge.layermerge.build import SegmentChoice, apply_segments, dominant_activation
 from onnxmerge.layermerge.dp import Plan, join_tables, minimum_latency, solve
-from onnxmerge.layermerge.importance import ImportanceScorer, fidelity, option_key
+from onnxmerge.layermerge.importance import ImportanceScorer, dominated_entries, fidelity, option_key
 from onnxmerge.layermerge.segments import ChainAnalysis, KernelOption, analyse_chain
 from onnxmerge.errors import BadInputError, first_line
 from onnxmerge.io import ModelLike, load_model, save_model
@@ -106,8 +107,11 @@ class CompressionProblem:
     scorer: ImportanceScorer
     original_ms: float
     settings: RuntimeSettings
-    latency: dict[tuple[int, int, str], float] = field(default_factory=dict)
+    latency: dict[tuple[int, int, str], float] = field(default_factory=dict)  # the DP's rows (keys of importance)
     importance: dict = field(default_factory=dict)
+    # Entries left out of both tables, with their measured latency: each costs at least the original convs of
+    # its span while scoring no more (importance.dominated_entries), so no optimal plan contains it.
+    skipped_entries: dict[tuple[int, int, str], float] = field(default_factory=dict)
 
     @property
     def length(self) -> int:
@@ -119,16 +123,33 @@ class CompressionProblem:
         return sum(self.latency[key] for key, option in self.options.items()
                    if key[1] - key[0] == 1 and option.kept == (key[1],))
 
-    def measure_tables(self, jobs: int = 1, clock: _PhaseClock | None = None) -> None:
-        batch = next(iter(self.shapes.values()))[0]
-        signatures = {key: _signature(option, _end_activation(self.analysis, key[1], option), batch)
-                      for key, option in self.options.items()}
-        table = measure(set(signatures.values()), self.settings)
-        self.latency = {key: table[signature].median_ms for key, signature in signatures.items()}
+    def measure_tables(self, jobs: int = 1, clock: _PhaseClock | None = None,
+                       latency: dict[tuple[int, int, str], float] | None = None) -> None:
+        """The latency table (measured in ORT, or ``latency`` when given: one value per key of ``options``),
+        then the importance table of the entries the DP could ever choose.
+
+        When every score is provably <= 0 (no labels, or not a classifier), entries at least as slow as the
+        original convs of their span are dominated: they are not scored and are moved out of both tables into
+        ``skipped_entries``. With accuracy scores (labels) nothing is skipped.
+        """
+        if latency is None:
+            batch = next(iter(self.shapes.values()))[0]
+            signatures = {key: _signature(option, _end_activation(self.analysis, key[1], option), batch)
+                          for key, option in self.options.items()}
+            table = measure(set(signatures.values()), self.settings)
+            latency = {key: table[signature].median_ms for key, signature in signatures.items()}
+        else:
+            missing = sorted(set(self.options) - set(latency))
+            if missing:
+                raise BadInputError(f"the latency table has no entry for {missing[0]!r} ({len(missing)} missing)")
+            latency = {key: float(latency[key]) for key in self.options}
         if clock:
             clock("latency_table")
-        self.importance = self.scorer.table([(s, e, self.options[(s, e, k)]) for (s, e, k) in self.options],
-                                            jobs=jobs)
+        skipped = dominated_entries(latency, self.options) if self.scorer.scores_at_most_zero else set()
+        self.skipped_entries = {key: latency[key] for key in sorted(skipped)}
+        self.latency = {key: value for key, value in latency.items() if key not in skipped}
+        self.importance = self.scorer.table([(s, e, self.options[(s, e, k)]) for (s, e, k) in self.options
+                                             if (s, e, k) not in skipped], jobs=jobs)
         if clock:
             clock("importance_table")
 
@@ -136,8 +157,15 @@ class CompressionProblem:
         return _build(self.canonical, self.analysis, plan, self.options, refit, self.scorer)
 
     def solve_for(self, target_ms: float) -> tuple[Plan, set[tuple[int, int]], onnx.ModelProto, list[dict]]:
-        """The DP under the budget for ``target_ms``, re-solved with a tighter budget while ORT says it missed."""
-        choices = join_tables(self.latency, {key: entry.score for key, entry in self.importance.items()})
+        """The DP under the budget for ``target_ms``, re-solved with a tighter budget while ORT says it missed.
+
+        Skipped (dominated) entries are in neither table, so the DP never sees them; the fastest plan and the
+        best importance within the budget are unchanged, since the original span each stands for is at least as
+        fast and as important (up to the DP's rounding of each latency up to whole units: a span of k originals
+        may round to up to k - 1 units more than the entry it replaces).
+        """
+        choices = join_tables({key: value for key, value in self.latency.items() if key not in self.skipped_entries},
+                              {key: entry.score for key, entry in self.importance.items()})
         refit = {(s, e) for (s, e, _), entry in self.importance.items() if entry.method == "refit"}
         budget = _table_budget(target_ms, self.original_ms, self.table_original_ms)
         fastest = minimum_latency(choices, self.length)
@@ -165,6 +193,15 @@ class CompressionProblem:
         return compare(self.canonical, student, self.settings, input_shapes=self.shapes)
 
 
+def available_cores() -> int:
+    """CPU cores this process may run on (its affinity mask where the OS has one, else all): the default
+    ``jobs``."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
 @dataclass(frozen=True)
 class CompressOptions:
     """What compress does (how ORT runs is :class:`~onnxmerge.runner.RuntimeSettings`): one frozen value."""
@@ -174,7 +211,7 @@ class CompressOptions:
     recover: bool = True
     recover_steps: int = 300
     lr: float = 1e-3
-    jobs: int = 1
+    jobs: int = field(default_factory=available_cores)  # importance entries scored in parallel
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -236,6 +273,10 @@ def compress(model: ModelLike, output: str | Path | None = None, *, calibration:
     if output is not None:  # before minutes of tables: a bad output path fails now
         output = preflight_output(output, prepared, force=force)
     problem = prepare(prepared, calibration, settings, input_shapes=input_shapes, clock=clock)
+    if options.recover:  # a student torch cannot train is refused now, not after the tables
+        from onnxmerge.layermerge.recover import check_trainable
+
+        check_trainable(problem.canonical, problem.calibration.fit, threads=settings.threads)
     target_ms = problem.original_ms / options.speedup if options.speedup is not None else options.latency_budget_ms
     rounds: list[dict] = []
     if reuse:

@@ -11,7 +11,7 @@ from onnxmerge.cli_options import (add_input_shape_option, add_json_option, add_
 
 
 def register(commands) -> None:
-    from onnxmerge.layermerge.api import COMPRESS_SETTINGS, CompressOptions
+    from onnxmerge.layermerge.api import COMPRESS_SETTINGS, CompressOptions, available_cores
 
     parser = commands.add_parser(
         "compress", help="LayerMerge depth compression: remove activations, merge conv runs, recover by distillation",
@@ -35,8 +35,9 @@ def register(commands) -> None:
     parser.add_argument("--seed", type=int, default=CompressOptions.seed, help="seed of recovery")
     parser.add_argument("--plan", metavar="FILE", help="reuse this plan JSON if it exists, else save the plan here")
     add_json_option(parser, deprecated=("--report",))
-    parser.add_argument("--jobs", type=int, default=CompressOptions.jobs,
-                        help=f"importance entries scored in parallel (default {CompressOptions.jobs})")
+    parser.add_argument("--jobs", type=int, default=available_cores(),
+                        help=f"importance entries scored in parallel (default: the cores available to this "
+                             f"process, {available_cores()} here)")
     parser.add_argument("--inspect", action="store_true", help="print the chain, segments and options, then exit")
     parser.add_argument("--force", action="store_true", help="allow OUTPUT to be the input file")
     parser.set_defaults(handler=run)
