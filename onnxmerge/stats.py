@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
+from onnxmerge.canonical import is_dynamic_dim
 from onnxmerge.errors import first_line
 from onnxmerge.io import EXTERNAL_TENSOR_MIN_BYTES, external_bytes, iter_tensors, light_copy
 
@@ -79,11 +80,6 @@ def parameter_count(model: onnx.ModelProto) -> int:
     return total
 
 
-def _dynamic(dim) -> bool:
-    """A dim with no usable size: symbolic, unset, or -1/0 as some exporters (paddle2onnx) write dynamic dims."""
-    return not dim.HasField("dim_value") or dim.dim_value <= 0
-
-
 def _pin_inputs(fixed: onnx.ModelProto, input_shapes: dict) -> None:
     """Set the given inputs' dims; make -1/0 dims of graph inputs and outputs truly dynamic (no dim_value)."""
     for is_input, values in ((True, fixed.graph.input), (False, fixed.graph.output)):
@@ -94,7 +90,7 @@ def _pin_inputs(fixed: onnx.ModelProto, input_shapes: dict) -> None:
             pinned = input_shapes.get(value.name) if is_input else None
             if pinned is None:
                 for dim in tensor_type.shape.dim:
-                    if dim.HasField("dim_value") and dim.dim_value <= 0:
+                    if dim.HasField("dim_value") and is_dynamic_dim(dim):
                         dim.Clear()
                 continue
             pinned = tuple(pinned)
@@ -138,9 +134,9 @@ def shape_facts(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]]
             if not value.type.HasField("tensor_type") or not value.type.tensor_type.HasField("shape"):
                 continue  # unknown rank (or not a tensor): nothing is known, not "a scalar"
             dims = value.type.tensor_type.shape.dim
-            if any(_dynamic(d) for d in dims):
+            if any(is_dynamic_dim(d) for d in dims):
                 if value.name not in facts.static:  # a fully known entry for the same tensor wins
-                    facts.partial[value.name] = tuple((d.dim_param or None) if _dynamic(d) else int(d.dim_value)
+                    facts.partial[value.name] = tuple((d.dim_param or None) if is_dynamic_dim(d) else int(d.dim_value)
                                                       for d in dims)
             else:
                 facts.static[value.name] = tuple(int(d.dim_value) for d in dims)

@@ -37,6 +37,7 @@ from onnxmerge.dataset import fixed_batch
 from onnxmerge.errors import BadInputError
 from onnxmerge.graph import constant_value, import_graph
 from onnxmerge.io import io_signature, load_model
+from onnxmerge.stats import shape_facts
 
 TRAINABLE_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 
@@ -276,25 +277,11 @@ _FULL_SLICE = 2 ** 31 - 1  # an end at least this large takes the whole axis (ex
 
 
 def _export_shapes(proto: onnx.ModelProto) -> dict[str, tuple[int | None, ...]]:
-    """Tensor shapes at the exported input shapes, as far as ONNX shape inference finds them (None: unknown)."""
-    graph = proto.graph
-    small = [t for t in graph.initializer if math.prod(t.dims) <= _CONSTANT_NUMEL]
-    big = [helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in graph.initializer
-           if math.prod(t.dims) > _CONSTANT_NUMEL]  # weights: their shapes are all inference needs of them
-    inputs = [*graph_inputs(proto), *big]
-    light = helper.make_model(helper.make_graph(graph.node, graph.name, inputs, graph.output, small,
-                                                value_info=graph.value_info),
-                              opset_imports=proto.opset_import, ir_version=proto.ir_version)
-    try:
-        inferred = onnx.shape_inference.infer_shapes(light, data_prop=True)
-    except Exception:  # noqa: BLE001 - a model shape inference cannot read: every shape stays unknown
-        return {}
-    shapes = {}
-    for value in [*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output]:
-        tensor = value.type.tensor_type
-        if value.type.HasField("tensor_type") and tensor.HasField("shape"):
-            shapes[value.name] = tuple(d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None
-                                       for d in tensor.shape.dim)
+    """Tensor shapes at the exported input shapes, as far as ONNX shape inference finds them (None: unknown);
+    the shared, weight-free inference of :func:`onnxmerge.stats.shape_facts`."""
+    facts = shape_facts(proto, None)
+    shapes = {name: tuple(d if isinstance(d, int) else None for d in dims) for name, dims in facts.partial.items()}
+    shapes.update(facts.static)
     return shapes
 
 
