@@ -87,10 +87,6 @@ class PreparedModel:
         with external_data_dir(self.base_dir):
             yield
 
-    def session_source(self) -> Path | onnx.ModelProto:
-        """What to hand ORT for the model as prepared: a file when one computes the same, else the proto."""
-        return self.reference_path or self.path if self.reference_path or not self.notes else self.proto
-
 
 def prepare(model: ModelLike, *, input_shapes: InputShapes | None = None,
             overwrite_input_shapes: InputShapes | None = None) -> PreparedModel:
