@@ -293,17 +293,6 @@ def read_conv_params(node: gs.Node) -> ConvParams:
         raise refuse(str(exc)) from exc
 
 
-def conv_params(node: gs.Node) -> ConvParams | str:
-    """A Conv node's parameters, or the reason they cannot be read (:func:`read_conv_params`'s).
-
-    transitional: for layermerge/latency_table until they raise too.
-    """
-    try:
-        return read_conv_params(node)
-    except Refused as refused:
-        return refused.reason
-
-
 def _is_omitted(tensor: gs.Tensor) -> bool:
     return isinstance(tensor, gs.Variable) and tensor.name == "" and not tensor.inputs
 

@@ -27,7 +27,8 @@ from onnxmerge import activations
 from onnxmerge.activations import Activation
 from onnxmerge.environment import default_cache_dir, hardware_fingerprint
 from onnxmerge.errors import BadInputError
-from onnxmerge.graph import conv_params, import_graph, weight_dtype
+from onnxmerge.graph import import_graph, read_conv_params, weight_dtype
+from onnxmerge.refusal import Refused
 from onnxmerge.io import ModelLike, clamp_ir_version, load_model
 from onnxmerge.profiler import profile
 from onnxmerge.report import write_json
@@ -290,9 +291,10 @@ def conv_signatures(model: ModelLike, input_shapes: Mapping[str | None, Sequence
         if node.op != "Conv":
             continue
         name = node.name or f"Conv_{index}"
-        params = conv_params(node)
-        if isinstance(params, str):
-            raise BadInputError(f"conv '{name}' has no latency signature: {params}")
+        try:
+            params = read_conv_params(node)
+        except Refused as refused:
+            raise BadInputError(f"conv '{name}' has no latency signature: {refused.reason}") from None
         data_shape = tensor_shapes.get(node.inputs[0].name)
         if data_shape is None:
             raise BadInputError(f"conv '{name}': its input shape is unknown at the given input shapes")

@@ -22,7 +22,9 @@ from onnxmerge.activations import Activation
 from onnxmerge.layermerge.segments import ChainAnalysis, KernelOption, Skip
 from onnxmerge.conv_algebra import ConvParams, add_parallel, compose, identity_conv
 from onnxmerge.errors import BadInputError
-from onnxmerge.graph import conv_params, export_graph, import_graph, producer, set_conv_params, unique_name, weight_dtype
+from onnxmerge.graph import (export_graph, import_graph, producer, read_conv_params, set_conv_params, unique_name,
+                             weight_dtype)
+from onnxmerge.refusal import Refused
 from onnxmerge.io import clamp_ir_version
 
 
@@ -68,9 +70,10 @@ def merged_conv(analysis: ChainAnalysis, graph: gs.Graph, start: int, end: int, 
             body = identity_conv(channels, rank)
         if skip.projection is None:
             return add_parallel([body, identity_conv(channels, rank)])
-        projection = conv_params(nodes[skip.projection])
-        if isinstance(projection, str):
-            raise BadInputError(f"cannot read projection conv '{skip.projection}': {projection}")
+        try:
+            projection = read_conv_params(nodes[skip.projection])
+        except Refused as refused:
+            raise BadInputError(f"cannot read projection conv '{skip.projection}': {refused.reason}") from None
         return add_parallel([body, projection])
 
     merged = run(start, end, None)

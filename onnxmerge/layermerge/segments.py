@@ -30,7 +30,8 @@ from onnxmerge import activations
 from onnxmerge.activations import Activation
 from onnxmerge.conv_algebra import ConvParams
 from onnxmerge.errors import BadInputError
-from onnxmerge.graph import conv_params, constant_value, import_graph, is_graph_output, producer, sole_consumer
+from onnxmerge.graph import constant_value, import_graph, is_graph_output, producer, read_conv_params, sole_consumer
+from onnxmerge.refusal import Refused
 from onnxmerge.runner import input_specs
 from onnxmerge.stats import static_shapes
 
@@ -183,9 +184,10 @@ def _static_shapes(model: onnx.ModelProto, input_shapes) -> dict[str, tuple[int,
 
 def _usable_conv(node: gs.Node, shapes: dict) -> ConvParams | str:
     """The conv's parameters if it can be merged, else why not."""
-    params = conv_params(node)
-    if isinstance(params, str):
-        return f"cannot read it: {params}"
+    try:
+        params = read_conv_params(node)
+    except Refused as refused:
+        return f"cannot read it: {refused.reason}"
     if params.groups not in (1, params.in_channels):
         return f"grouped conv (groups={params.groups} of {params.in_channels} input channels): only dense and " \
                "depthwise convs merge"
