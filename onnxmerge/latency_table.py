@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import operator
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -32,9 +32,10 @@ from onnxmerge.refusal import Refused
 from onnxmerge.io import ModelLike, clamp_ir_version, load_model
 from onnxmerge.profiler import profile
 from onnxmerge.report import write_json
-from onnxmerge.runner import RuntimeSettings, input_specs
+from onnxmerge.runner import RuntimeSettings, input_specs, random_inputs
 from onnxmerge.stats import static_shapes
 from onnxmerge.timing import LatencyStats
+from onnxmerge.trace import profile_nodes
 
 OPSET = 17
 DTYPES = ("float32", "float16")
@@ -46,7 +47,11 @@ ACTIVATIONS = ("relu", "hardswish", "leaky_relu", "sigmoid", "relu6", "silu", "g
 # Bump when conv_model changes what it builds: entries measured on the old models stop matching.
 # 2: activations named by the activation table, with their parameters ("clip(0,6)", "leakyrelu(0.1)").
 DEFAULT_TABLE_RUNS = 30  # entries are cheap to time and cached: more runs than a quick profile
-CACHE_FORMAT = 3
+# 3: the runtime settings' cache fields in the key. 4: every entry also holds its kernel time (kernel_ms).
+CACHE_FORMAT = 4
+# Nodes of a one-conv model's profile that are not the conv's own work: the layout conversions ORT adds
+# around an NCHWc kernel, which a conv inside a chain of NCHWc convs does not pay.
+_LAYOUT_OPS = frozenset({"ReorderInput", "ReorderOutput"})
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -207,6 +212,12 @@ class LatencyTable(Mapping):
     hits: int = 0
     misses: int = 0
     cache_dir: Path | None = field(default=None, repr=False)
+    kernel: dict[ConvSignature, float] = field(default_factory=dict, repr=False)  # kernel_ms per signature
+
+    def kernel_ms(self, signature: ConvSignature) -> float:
+        """The signature's price in context: the mean kernel time per run of its conv (and an activation ORT
+        did not fuse) in ORT's per-node profile, without layout conversions or the per-run overhead."""
+        return self.kernel[signature]
 
     def __getitem__(self, signature: ConvSignature) -> LatencyStats:
         return self.entries[signature]
@@ -222,7 +233,8 @@ class LatencyTable(Mapping):
                 "fingerprint": self.fingerprint, "hits": self.hits, "misses": self.misses,
                 "cache_dir": str(self.cache_dir) if self.cache_dir else None,
                 "entries": [{"key": sig.key(), "signature": asdict(sig), "fused": sig.fused,
-                             "latency": stats.to_dict()} for sig, stats in self.entries.items()]}
+                             "latency": stats.to_dict(), "kernel_ms": self.kernel.get(sig)}
+                            for sig, stats in self.entries.items()]}
 
 
 def cache_key(signature: ConvSignature, settings: RuntimeSettings, fingerprint: str) -> str:
@@ -234,14 +246,15 @@ def cache_key(signature: ConvSignature, settings: RuntimeSettings, fingerprint: 
 
 
 def measure(signatures: Iterable[ConvSignature], settings: RuntimeSettings | None = None, *,
-            cache_dir: str | Path | None = None, fingerprint: str | None = None, **overrides) -> LatencyTable:
+            cache_dir: str | Path | None = None, fingerprint: str | None = None,
+            progress: Callable[[], None] | None = None, **overrides) -> LatencyTable:
     """Look every signature up in the disk cache, timing (and caching) only the ones missing.
 
     ``settings`` (one :class:`~onnxmerge.runner.RuntimeSettings`; keyword ``overrides`` change single fields,
     default 30 runs) says how entries are timed; the cache key derives from it. A hit creates no session. An
     entry measured with fewer than ``settings.runs`` runs, or unreadable, is a miss and is overwritten. Each
     entry is one JSON file replaced atomically, so concurrent builds into one cache cannot corrupt it (the
-    last writer of an entry wins). ``fingerprint`` defaults to
+    last writer of an entry wins). ``progress`` is called once per distinct signature. ``fingerprint`` defaults to
     :func:`onnxmerge.environment.hardware_fingerprint`; pass another to keep tables apart by hand.
     """
     settings = (settings or RuntimeSettings(runs=DEFAULT_TABLE_RUNS)).with_overrides(**overrides)
@@ -252,26 +265,41 @@ def measure(signatures: Iterable[ConvSignature], settings: RuntimeSettings | Non
     for signature in dict.fromkeys(signatures):
         key = cache_key(signature, settings, fingerprint)
         path = folder / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.json"
-        stats = _read_entry(path, key, settings.runs)
-        if stats is None:
-            report = profile(conv_model(signature), settings)
+        cached = _read_entry(path, key, settings.runs)
+        if cached is None:
+            model = conv_model(signature)
+            report = profile(model, settings)
             stats = LatencyStats(**report["latency"])
+            kernel_ms = kernel_time_ms(model, settings)
             write_json({"key": key, "signature": asdict(signature), "latency": stats.to_dict(),
-                        "environment": report["environment"]}, path)
+                        "kernel_ms": kernel_ms, "environment": report["environment"]}, path)
             table.misses += 1
         else:
+            stats, kernel_ms = cached
             table.hits += 1
         table.entries[signature] = stats
+        table.kernel[signature] = kernel_ms
+        if progress is not None:
+            progress()
     return table
 
 
-def _read_entry(path: Path, key: str, runs: int) -> LatencyStats | None:
+def kernel_time_ms(model: onnx.ModelProto, settings: RuntimeSettings) -> float:
+    """Mean per-run kernel time of a one-conv model from ORT's per-node profile, layout conversions left
+    out (a separate profiling session: the profiler slows every run, so never the timed one)."""
+    feeds = random_inputs(input_specs(model, None), 0)
+    breakdown = profile_nodes(model, feeds, provider=settings.provider, threads=settings.threads,
+                              opt_level=settings.opt_level, runs=max(5, min(settings.runs, 20)))
+    return sum(row.mean_us for row in breakdown.nodes if row.op_type not in _LAYOUT_OPS) / 1e3
+
+
+def _read_entry(path: Path, key: str, runs: int) -> tuple[LatencyStats, float] | None:
     try:
         entry = json.loads(path.read_text())
-        stats = LatencyStats(**entry["latency"])
+        stats, kernel_ms = LatencyStats(**entry["latency"]), float(entry["kernel_ms"])
     except (OSError, ValueError, KeyError, TypeError):
         return None
-    return stats if entry.get("key") == key and stats.runs >= runs else None
+    return (stats, kernel_ms) if entry.get("key") == key and stats.runs >= runs else None
 
 
 def conv_signatures(model: ModelLike, input_shapes: Mapping[str | None, Sequence[int]] | None = None) -> list[tuple[str, ConvSignature]]:

@@ -165,6 +165,11 @@ class CompressResult(CommandResult):
     fidelity: dict = field(default_factory=dict)
     recovery: dict | None = None
     wall_s: dict[str, float] = field(default_factory=dict)
+    peak_rss_mib: dict[str, float] = field(default_factory=dict)  # per phase, sampled
+    latency_model: dict | None = None  # how table sums became end-to-end latency (layermerge/context.py)
+    search: dict | None = None  # the budget search: attempts, the chosen one, whether the target was reached
+    reranking: dict | None = None  # alternative plans scored jointly on held-out data
+    importance_cache: dict | None = None
 
 
 @dataclass(kw_only=True)

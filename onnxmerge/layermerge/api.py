@@ -8,6 +8,7 @@ calibration data) → plan (exact DP under a budget, closed loop on measured lat
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from dataclasses import dataclass, field, replace
@@ -21,9 +22,10 @@ from onnxmerge.layermerge.build import SegmentChoice, apply_segments, dominant_a
 from onnxmerge.layermerge.dp import Plan, join_tables, minimum_latency, solve
 from onnxmerge.layermerge.importance import ImportanceScorer, dominated_entries, fidelity, option_key
 from onnxmerge.layermerge.segments import ChainAnalysis, KernelOption, analyse_chain
-from onnxmerge.errors import BadInputError, first_line
+from onnxmerge.errors import BadInputError, OnnxMergeError, first_line
 from onnxmerge.io import ModelLike, load_model, save_model
 from onnxmerge.latency_table import ConvSignature, measure
+from onnxmerge.memory import PeakRssSampler, current_rss_bytes
 from onnxmerge.profiler import compare, profile
 from onnxmerge.report import write_json
 from onnxmerge.results import CompressResult
@@ -31,10 +33,15 @@ from onnxmerge.stats import model_stats
 from onnxmerge.dataset import Dataset, load_dataset, run_batched
 from onnxmerge.prepared import InputShapes, PreparedModel, preflight_output
 from onnxmerge.prepared import prepare as prepare_model
-from onnxmerge.runner import RuntimeSettings, input_specs, make_session
+from onnxmerge.runner import RuntimeSettings, input_specs, make_session, random_inputs
+from onnxmerge.trace import NodeBreakdown, profile_nodes
+from onnxmerge.layermerge.context import LatencyModel, latency_model
+from onnxmerge.layermerge.search import Candidate, SearchResult, search_budget
 
-MAX_ROUNDS = 3
+MAX_ROUNDS = 5  # plans built and measured by the budget search (each distinct plan once)
 SPEEDUP_TOLERANCE = 0.98  # a measured speed-up within 2% of the target counts as reached
+OVERSHOOT_TOLERANCE = 1.05  # one more than 5% past the target spends fidelity for nothing: loosen the budget
+UNREACHABLE_MARGIN = 1.10  # refuse up front when the fastest plan is predicted this much slower than the target
 
 
 HELD_OUT_FRACTION = 0.25
@@ -83,16 +90,24 @@ def _end_activation(analysis: ChainAnalysis, end: int, option: KernelOption) -> 
 
 
 class _PhaseClock:
-    """Wall time per pipeline phase, for the report."""
+    """Wall time and peak RSS per pipeline phase, for the report (RSS sampled every 20 ms in a thread; the
+    sampler stops with the process or :meth:`close`)."""
 
     def __init__(self):
         self.seconds: dict[str, float] = {}
+        self.peak_rss_mib: dict[str, float] = {}
         self._last = time.perf_counter()
+        self._sampler = PeakRssSampler(interval_s=0.02).__enter__()
 
     def __call__(self, name: str) -> None:
         now = time.perf_counter()
         self.seconds[name] = round(now - self._last, 3)
+        self.peak_rss_mib[name] = round(max(self._sampler.peak, current_rss_bytes()) / 2**20, 1)
+        self._sampler.peak = current_rss_bytes()
         self._last = now
+
+    def close(self) -> None:
+        self._sampler.__exit__(None, None, None)
 
 
 @dataclass
@@ -107,7 +122,10 @@ class CompressionProblem:
     scorer: ImportanceScorer
     original_ms: float
     settings: RuntimeSettings
+    breakdown: NodeBreakdown | None = None  # per-node profile of the original (the latency model's context)
     latency: dict[tuple[int, int, str], float] = field(default_factory=dict)  # the DP's rows (keys of importance)
+    latency_model: LatencyModel | None = None  # how table sums become end-to-end latency (context.py)
+    search: SearchResult | None = None  # the last budget search (solve_for)
     importance: dict = field(default_factory=dict)
     # Entries left out of both tables, with their measured latency: each costs at least the original convs of
     # its span while scoring no more (importance.dominated_entries), so no optimal plan contains it.
@@ -137,7 +155,7 @@ class CompressionProblem:
             signatures = {key: _signature(option, _end_activation(self.analysis, key[1], option), batch)
                           for key, option in self.options.items()}
             table = measure(set(signatures.values()), self.settings)
-            latency = {key: table[signature].median_ms for key, signature in signatures.items()}
+            latency = {key: table.kernel_ms(signature) for key, signature in signatures.items()}
         else:
             missing = sorted(set(self.options) - set(latency))
             if missing:
@@ -148,6 +166,8 @@ class CompressionProblem:
         skipped = dominated_entries(latency, self.options) if self.scorer.scores_at_most_zero else set()
         self.skipped_entries = {key: latency[key] for key in sorted(skipped)}
         self.latency = {key: value for key, value in latency.items() if key not in skipped}
+        self.latency_model = latency_model(self.original_ms, self.table_original_ms, self.breakdown, self.canonical,
+                                           [conv.node for conv in self.analysis.convs])
         self.importance = self.scorer.table([(s, e, self.options[(s, e, k)]) for (s, e, k) in self.options
                                              if (s, e, k) not in skipped], jobs=jobs)
         if clock:
@@ -157,37 +177,49 @@ class CompressionProblem:
         return _build(self.canonical, self.analysis, plan, self.options, refit, self.scorer)
 
     def solve_for(self, target_ms: float) -> tuple[Plan, set[tuple[int, int]], onnx.ModelProto, list[dict]]:
-        """The DP under the budget for ``target_ms``, re-solved with a tighter budget while ORT says it missed.
+        """The best measured plan for ``target_ms``: the DP's budget from the latency model, then a search in both
+        directions on measured latency (:mod:`onnxmerge.layermerge.search`), which keeps the best plan that
+        meets the target, or reports honestly that none did (``self.search``).
 
         Skipped (dominated) entries are in neither table, so the DP never sees them; the fastest plan and the
         best importance within the budget are unchanged, since the original span each stands for is at least as
         fast and as important (up to the DP's rounding of each latency up to whole units: a span of k originals
         may round to up to k - 1 units more than the entry it replaces).
+
+        Returns (plan, refit segments, built student, the measured attempts as dicts).
         """
-        choices = join_tables({key: value for key, value in self.latency.items() if key not in self.skipped_entries},
-                              {key: entry.score for key, entry in self.importance.items()})
+        choices = join_tables(self.latency, {key: entry.score for key, entry in self.importance.items()})
         refit = {(s, e) for (s, e, _), entry in self.importance.items() if entry.method == "refit"}
-        budget = _table_budget(target_ms, self.original_ms, self.table_original_ms)
-        fastest = minimum_latency(choices, self.length)
-        if budget < fastest:
-            reachable = self.original_ms * fastest / self.table_original_ms
+        model = self.latency_model
+        # The exact minimum is a rational sum; its float can round below it, which the DP would refuse.
+        fastest = math.nextafter(minimum_latency(choices, self.length), math.inf)
+        budget = model.budget(target_ms)
+        if budget < fastest and model.predict(fastest) > target_ms * UNREACHABLE_MARGIN:
+            reachable = model.predict(fastest)
             raise BadInputError(f"the latency target {target_ms:.3f} ms is below the fastest possible plan "
                                 f"(about {reachable:.3f} ms end to end, a {self.original_ms / reachable:.2f}x "
                                 "speed-up)")
-        wanted = self.original_ms / target_ms
-        rounds = []
-        for _ in range(MAX_ROUNDS):
-            plan = solve(choices, self.length, max(budget, fastest))
+        built: dict = {}
+
+        def solve_at(units: float) -> Candidate:
+            plan = solve(choices, self.length, units)
+            key = tuple((c.start, c.end, c.option) for c in plan.choices)
+            return Candidate(key, plan.importance, plan.latency_ms, plan)
+
+        def measure_plan(candidate: Candidate) -> tuple[float, float]:
+            plan = candidate.payload
             chosen_refit = {(c.start, c.end) for c in plan.choices} & refit
             student = self.build(plan, chosen_refit)
+            built[candidate.plan_key] = (plan, chosen_refit, student)
             measured = self.compare(student)
-            reached = measured["speedup"]["median"]
-            rounds.append({"budget_ms": budget, "predicted_table_ms": plan.latency_ms,
-                           "measured_ms": measured["latency_b"]["median_ms"], "speedup": reached})
-            if reached >= wanted * SPEEDUP_TOLERANCE or budget <= fastest:
-                break
-            budget *= reached / wanted  # the table was optimistic: tighten by the shortfall and solve again
-        return plan, chosen_refit, student, rounds
+            return measured["latency_b"]["median_ms"], measured["speedup"]["median"]
+
+        self.search = search_budget(
+            solve_at, measure_plan, wanted=self.original_ms / target_ms, original_ms=self.original_ms,
+            start_budget=max(budget, fastest), min_budget=fastest, max_budget=max(self.table_original_ms, fastest),
+            initial_slope=model.scale, low=SPEEDUP_TOLERANCE, high=OVERSHOOT_TOLERANCE, max_rounds=MAX_ROUNDS)
+        plan, chosen_refit, student = built[self.search.best.plan_key]
+        return plan, chosen_refit, student, [attempt.to_dict() for attempt in self.search.attempts]
 
     def compare(self, student: onnx.ModelProto) -> dict:
         return compare(self.canonical, student, self.settings, input_shapes=self.shapes)
@@ -235,7 +267,7 @@ def prepare(model: ModelLike | PreparedModel, calibration: str | Path, settings:
     """Canonicalise (the exact, verified fold) and analyse a prepared model; measure the original end to end."""
     from onnxmerge.api import fold
 
-    clock = clock or _PhaseClock()
+    clock = clock or (lambda phase: None)
     prepared = model if isinstance(model, PreparedModel) else prepare_model(model)
     calib = load_calibration(calibration, prepared.proto)
     shapes = _static_shapes(prepared.proto, input_shapes)
@@ -244,12 +276,25 @@ def prepare(model: ModelLike | PreparedModel, calibration: str | Path, settings:
     analysis = analyse_chain(canonical, shapes)
     clock("analyse")
     original_ms = profile(canonical, settings, input_shapes=shapes)["latency"]["median_ms"]
+    breakdown = _context_profile(canonical, shapes, settings)
     return CompressionProblem(
         canonical=canonical, analysis=analysis, shapes=shapes, calibration=calib,
         options={(s.start, s.end, option_key(o)): o for s in analysis.segments for o in s.options},
         scorer=ImportanceScorer(canonical, analysis, calib.fit, holdout=calib.held_out, labels=calib.labels,
                                 threads=settings.threads),
-        original_ms=original_ms, settings=settings)
+        original_ms=original_ms, settings=settings, breakdown=breakdown)
+
+
+def _context_profile(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]],
+                     settings: RuntimeSettings) -> NodeBreakdown | None:
+    """ORT's per-node profile of the original at the compression shapes, or None where it cannot be read
+    (the latency model then falls back and says so: optional, it never stops compress)."""
+    try:
+        feeds = random_inputs(input_specs(model, shapes), 0)
+        return profile_nodes(model, feeds, provider=settings.provider, threads=settings.threads,
+                             opt_level=settings.opt_level, runs=max(5, min(settings.runs, 20)))
+    except OnnxMergeError:
+        return None
 
 
 def compress(model: ModelLike, output: str | Path | None = None, *, calibration: str | Path,
@@ -269,6 +314,15 @@ def compress(model: ModelLike, output: str | Path | None = None, *, calibration:
     if options.speedup is None and options.latency_budget_ms is None and not reuse:
         raise BadInputError("give speedup= or latency_budget_ms= (or plan= naming an existing plan file)")
     clock = _PhaseClock()
+    try:
+        return _compress(model, output, calibration, options, settings, input_shapes, plan_path, reuse, force,
+                         progress, clock)
+    finally:
+        clock.close()
+
+
+def _compress(model, output, calibration, options: CompressOptions, settings: RuntimeSettings, input_shapes,
+              plan_path: Path | None, reuse: bool, force: bool, progress: bool, clock: _PhaseClock) -> CompressResult:
     prepared = prepare_model(model)  # once: the problem, the statistics and the output check all read it
     if output is not None:  # before minutes of tables: a bad output path fails now
         output = preflight_output(output, prepared, force=force)
@@ -360,6 +414,9 @@ def _report(problem: CompressionProblem, chosen: Plan, student: onnx.ModelProto,
         fidelity=fidelity_report,
         recovery=None if trained is None else trained.summary(),
         wall_s=clock.seconds,
+        peak_rss_mib=clock.peak_rss_mib,
+        latency_model=problem.latency_model.to_dict() if problem.latency_model else None,
+        search=problem.search.to_dict() if problem.search else None,
         bench=final,
     )
 
@@ -388,19 +445,6 @@ def inspect(model: ModelLike, input_shapes: list[str] | dict | None = None):
     shapes = _static_shapes(proto, input_shapes)
     canonical = fold(proto, input_shapes=shapes).proto
     return chain_tables(analyse_chain(canonical, shapes))
-
-
-def _table_budget(target_ms: float, original_ms: float, table_original_ms: float) -> float:
-    """Turn an end-to-end target into a budget for the table's part of the network.
-
-    The table covers the chain's convs; adds, pooling and the head take the rest, measured as the gap
-    between the end-to-end latency and the table's sum for the original plan. If the table over-counts
-    (per-conv sessions pay layout conversions a real chain pays once), the budget is scaled instead.
-    """
-    uncovered = original_ms - table_original_ms
-    if uncovered >= 0:
-        return target_ms - uncovered
-    return table_original_ms * target_ms / original_ms
 
 
 def _build(model: onnx.ModelProto, analysis: ChainAnalysis, plan: Plan, options: dict,
