@@ -29,7 +29,7 @@ from onnxmerge.environment import describe
 from onnxmerge.errors import BadInputError
 from onnxmerge.layermerge.api import evaluate, prepare
 from onnxmerge.runner import RuntimeSettings
-from onnxmerge.layermerge.dp import join_tables, solve
+from onnxmerge.layermerge.dp import join_tables, minimum_latency, solve
 from onnxmerge.runner import make_session
 
 RESULTS = Path(__file__).parent / "results"
@@ -40,12 +40,12 @@ def _phase_times(clock_seconds: dict) -> dict:
 
 
 def bench_model(label: str, model: Path, calibration: Path, speedups: list[float], *, runs: int,
-                recover_steps: int = 0, test_set: tuple | None = None) -> dict:
+                recover_steps: int = 0, test_set: tuple | None = None, cache_dir: Path | None = None) -> dict:
     from onnxmerge.layermerge.api import _PhaseClock
 
     clock = _PhaseClock()
     started = time.perf_counter()
-    problem = prepare(model, calibration, RuntimeSettings(runs=runs), clock=clock)
+    problem = prepare(model, calibration, RuntimeSettings(runs=runs), clock=clock, cache_dir=cache_dir)
     problem.measure_tables(clock=clock)
     choices = join_tables(problem.latency, {k: e.score for k, e in problem.importance.items()})
     dp_started = time.perf_counter()
@@ -67,7 +67,11 @@ def bench_model(label: str, model: Path, calibration: Path, speedups: list[float
                               progress=False, threads=1).model
         measured = problem.compare(student)
         fidelity = evaluate(problem, student)
+        ratio = measured["speedup"]["median"] / target
+        row["goal"] = (("met" if 0.98 <= ratio <= 1.05 else f"missed ({ratio - 1:+.1%} of the target)")
+                       if test_set is None else None)
         row |= {"status": "ok", "speedup": measured["speedup"], "rounds": len(rounds),
+                "search": problem.search.to_dict() if problem.search else None,
                 "merged_segments": sum(1 for c in plan.choices if c.end - c.start > 1),
                 "predicted_table_ms": plan.latency_ms, "measured_ms": measured["latency_b"]["median_ms"],
                 "top1_agreement": fidelity["top1_agreement"], "seconds": round(time.perf_counter() - target_started, 1)}
@@ -75,14 +79,25 @@ def bench_model(label: str, model: Path, calibration: Path, speedups: list[float
             x, y = test_set
             row["accuracy"] = float(np.mean(make_session(student).run(None, {"input": x})[0].argmax(1) == y))
         rows.append(row)
+    fastest = minimum_latency(choices, problem.length)
+    reachable = problem.original_ms / problem.latency_model.predict(fastest)
     entry = {"model": label, "segments": len(problem.analysis.segments), "entries": problem.analysis.entries,
              "original_ms": problem.original_ms, "table_original_ms": problem.table_original_ms,
+             "predicted_max_speedup": reachable, "latency_model": problem.latency_model.to_dict(),
+             "peak_rss_mib": clock.peak_rss_mib,
              "dp_seconds": dp_seconds, "phases_s": _phase_times(clock.seconds),
              "total_s": round(time.perf_counter() - started, 1), "rows": rows}
     if test_set is not None:
         x, y = test_set
         entry["accuracy_original"] = float(np.mean(
             make_session(problem.canonical).run(None, {"input": x})[0].argmax(1) == y))
+        for row in rows:
+            if row["status"] == "ok" and row["target"] >= 1.5:
+                loss_pp = 100 * (entry["accuracy_original"] - row["accuracy"])
+                row["goal"] = ("met" if loss_pp <= 0.5 and row["speedup"]["median"] >= 1.5 * 0.98
+                               else f"missed (loss {loss_pp:.2f} pp at {row['speedup']['median']:.2f}x)")
+        entry["goal_reachable"] = "met" if reachable >= 1.5 else f"missed (at most about {reachable:.2f}x)"
+    clock.close()
     print(f"{label}: done in {entry['total_s']} s", file=sys.stderr, flush=True)
     return entry
 
@@ -91,24 +106,29 @@ def markdown(results: dict) -> str:
     env = results["environment"]
     lines = [f"ORT {env['onnxruntime']}, CPU {env['cpu']}, 1 thread, batch 1, ENABLE_ALL; {env['date']}.", "",
              "| model | target | measured speed-up (p10–p90) | merged segments | top-1 agreement | accuracy | "
-             "closed-loop rounds |", "|---|---:|---:|---:|---:|---:|---:|"]
+             "measured plans | goal |", "|---|---:|---:|---:|---:|---:|---:|---|"]
     for entry in results["models"]:
         for row in entry["rows"]:
             if row["status"] != "ok":
-                lines.append(f"| {entry['model']} | {row['target']:.2f}× | {row['status']} | | | | |")
+                lines.append(f"| {entry['model']} | {row['target']:.2f}× | {row['status']} | | | | | |")
                 continue
             s = row["speedup"]
             accuracy = (f"{row['accuracy']:.2%} (orig {entry['accuracy_original']:.2%})"
                         if "accuracy" in row else "–")
             lines.append(f"| {entry['model']} | {row['target']:.2f}× | {s['median']:.2f}× ({s['p10']:.2f}–{s['p90']:.2f}) "
-                         f"| {row['merged_segments']} | {row['top1_agreement']:.1%} | {accuracy} | {row['rounds']} |")
-    lines += ["", "| model | segments / entries | original ms | canonicalize | analyse | latency table | importance "
-                  "table | DP solve | total s |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                         f"| {row['merged_segments']} | {row['top1_agreement']:.1%} | {accuracy} | {row['rounds']} | "
+                         f"{row.get('goal') or '–'} |")
+    lines += ["", "| model | segments / entries | original ms | predicted max speed-up | canonicalize | analyse | "
+                  "latency table | importance table | DP solve | total s | peak RSS MiB |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for entry in results["models"]:
         p = entry["phases_s"]
+        reach = f"{entry['predicted_max_speedup']:.2f}×" + (f" ({entry['goal_reachable']})"
+                                                             if "goal_reachable" in entry else "")
         lines.append(f"| {entry['model']} | {entry['segments']} / {entry['entries']} | {entry['original_ms']:.2f} | "
-                     f"{p.get('canonicalize', 0)} | {p.get('analyse', 0)} | {p.get('latency_table', 0)} | "
-                     f"{p.get('importance_table', 0)} | {entry['dp_seconds'] * 1e3:.1f} ms | {entry['total_s']} |")
+                     f"{reach} | {p.get('canonicalize', 0)} | {p.get('analyse', 0)} | {p.get('latency_table', 0)} | "
+                     f"{p.get('importance_table', 0)} | {entry['dp_seconds'] * 1e3:.1f} ms | {entry['total_s']} | "
+                     f"{max(entry['peak_rss_mib'].values(), default=0):.0f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -138,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.compress", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--speedups", type=float, nargs="+", default=[1.3, 1.6, 2.0])
-    parser.add_argument("--digits-speedups", type=float, nargs="+", default=[1.2, 1.3])
+    parser.add_argument("--digits-speedups", type=float, nargs="+", default=[1.3, 1.5])
     parser.add_argument("--runs", type=int, default=30)
     parser.add_argument("--recover-steps", type=int, default=300)
     parser.add_argument("--models", nargs="+", default=["mobilenet_v2", "resnet34", "digits_resnet",
@@ -155,13 +175,15 @@ def main(argv: list[str] | None = None) -> int:
                 results["models"].append(bench_model(name, folder / f"{name}.onnx", folder / f"{name}.npz",
                                                      args.digits_speedups, runs=args.runs,
                                                      recover_steps=args.recover_steps,
-                                                     test_set=(trained.x_test, trained.y_test)))
+                                                     test_set=(trained.x_test, trained.y_test),
+                                                     cache_dir=folder / "cache"))
             else:
                 export(name, folder / f"{name}.onnx", input_shape=(1, 3, 224, 224))
                 calibration = np.random.default_rng(0).standard_normal((64, 3, 224, 224)).astype(np.float32)
                 np.savez(folder / f"{name}.npz", input=calibration)
                 results["models"].append(bench_model(f"{name} 224", folder / f"{name}.onnx",
-                                                     folder / f"{name}.npz", args.speedups, runs=args.runs))
+                                                     folder / f"{name}.npz", args.speedups, runs=args.runs,
+                                                     cache_dir=folder / "cache"))
     RESULTS.mkdir(parents=True, exist_ok=True)
     pareto_plot(results, RESULTS / "compress.png")
     write_results(RESULTS / "compress.md", RESULTS / "compress.json", markdown(results), results)

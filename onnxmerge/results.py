@@ -169,7 +169,7 @@ class CompressResult(CommandResult):
     latency_model: dict | None = None  # how table sums became end-to-end latency (layermerge/context.py)
     search: dict | None = None  # the budget search: attempts, the chosen one, whether the target was reached
     reranking: dict | None = None  # alternative plans scored jointly on held-out data
-    importance_cache: dict | None = None
+    importance: dict | None = None  # what the importance table scored, on how many held-out rows, cache use
 
 
 @dataclass(kw_only=True)

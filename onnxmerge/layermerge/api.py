@@ -20,12 +20,14 @@ import onnx
 from onnxmerge.activations import Activation
 from onnxmerge.layermerge.build import SegmentChoice, apply_segments, dominant_activation
 from onnxmerge.layermerge.dp import Plan, join_tables, minimum_latency, solve
-from onnxmerge.layermerge.importance import ImportanceScorer, dominated_entries, fidelity, option_key
+from onnxmerge.layermerge.importance import (ImportanceScorer, dominated_entries, fidelity, is_classifier,
+                                             option_key)
 from onnxmerge.layermerge.segments import ChainAnalysis, KernelOption, analyse_chain
 from onnxmerge.errors import BadInputError, OnnxMergeError, first_line
 from onnxmerge.io import ModelLike, load_model, save_model
 from onnxmerge.latency_table import ConvSignature, measure
 from onnxmerge.memory import PeakRssSampler, current_rss_bytes
+from onnxmerge.progress import DISABLED, Reporter
 from onnxmerge.profiler import compare, profile
 from onnxmerge.report import write_json
 from onnxmerge.results import CompressResult
@@ -37,6 +39,7 @@ from onnxmerge.runner import RuntimeSettings, input_specs, make_session, random_
 from onnxmerge.trace import NodeBreakdown, profile_nodes
 from onnxmerge.layermerge.context import LatencyModel, latency_model
 from onnxmerge.layermerge.search import Candidate, SearchResult, search_budget
+from onnxmerge.layermerge.plans import RerankResult
 
 MAX_ROUNDS = 5  # plans built and measured by the budget search (each distinct plan once)
 SPEEDUP_TOLERANCE = 0.98  # a measured speed-up within 2% of the target counts as reached
@@ -126,6 +129,7 @@ class CompressionProblem:
     latency: dict[tuple[int, int, str], float] = field(default_factory=dict)  # the DP's rows (keys of importance)
     latency_model: LatencyModel | None = None  # how table sums become end-to-end latency (context.py)
     search: SearchResult | None = None  # the last budget search (solve_for)
+    cache_dir: Path | None = None  # latency/ and importance/ caches (None: the user cache folder)
     importance: dict = field(default_factory=dict)
     # Entries left out of both tables, with their measured latency: each costs at least the original convs of
     # its span while scoring no more (importance.dominated_entries), so no optimal plan contains it.
@@ -142,7 +146,8 @@ class CompressionProblem:
                    if key[1] - key[0] == 1 and option.kept == (key[1],))
 
     def measure_tables(self, jobs: int = 1, clock: _PhaseClock | None = None,
-                       latency: dict[tuple[int, int, str], float] | None = None) -> None:
+                       latency: dict[tuple[int, int, str], float] | None = None,
+                       reporter: Reporter = DISABLED) -> None:
         """The latency table (measured in ORT, or ``latency`` when given: one value per key of ``options``),
         then the importance table of the entries the DP could ever choose.
 
@@ -154,7 +159,10 @@ class CompressionProblem:
             batch = next(iter(self.shapes.values()))[0]
             signatures = {key: _signature(option, _end_activation(self.analysis, key[1], option), batch)
                           for key, option in self.options.items()}
-            table = measure(set(signatures.values()), self.settings)
+            distinct = set(signatures.values())
+            with reporter.phase("latency table", total=len(distinct)) as advance:
+                table = measure(distinct, self.settings, cache_dir=_subfolder(self.cache_dir, "latency"),
+                                progress=advance)
             latency = {key: table.kernel_ms(signature) for key, signature in signatures.items()}
         else:
             missing = sorted(set(self.options) - set(latency))
@@ -168,8 +176,15 @@ class CompressionProblem:
         self.latency = {key: value for key, value in latency.items() if key not in skipped}
         self.latency_model = latency_model(self.original_ms, self.table_original_ms, self.breakdown, self.canonical,
                                            [conv.node for conv in self.analysis.convs])
-        self.importance = self.scorer.table([(s, e, self.options[(s, e, k)]) for (s, e, k) in self.options
-                                             if (s, e, k) not in skipped], jobs=jobs)
+        entries = [(s, e, self.options[(s, e, k)]) for (s, e, k) in self.options if (s, e, k) not in skipped]
+        with reporter.phase("importance table", total=len(entries)) as advance:
+            settled = [0]
+
+            def on_entry(done: int, total: int, cached: int) -> None:
+                advance(done - settled[0], note=f"{cached} from the cache" if cached else None)
+                settled[0] = done
+
+            self.importance = self.scorer.table(entries, jobs=jobs, progress=on_entry)
         if clock:
             clock("importance_table")
 
@@ -186,10 +201,10 @@ class CompressionProblem:
         fast and as important (up to the DP's rounding of each latency up to whole units: a span of k originals
         may round to up to k - 1 units more than the entry it replaces).
 
-        Returns (plan, refit segments, built student, the measured attempts as dicts).
+        Returns (plan, refit segments (none: the search times composed convs, whose latency is the refitted
+        ones'; :meth:`refine` fits the weights), built student, the measured attempts as dicts).
         """
         choices = join_tables(self.latency, {key: entry.score for key, entry in self.importance.items()})
-        refit = {(s, e) for (s, e, _), entry in self.importance.items() if entry.method == "refit"}
         model = self.latency_model
         # The exact minimum is a rational sum; its float can round below it, which the DP would refuse.
         fastest = math.nextafter(minimum_latency(choices, self.length), math.inf)
@@ -207,10 +222,10 @@ class CompressionProblem:
             return Candidate(key, plan.importance, plan.latency_ms, plan)
 
         def measure_plan(candidate: Candidate) -> tuple[float, float]:
+            # Latency does not depend on weight values: the search times composed convs and refits nothing.
             plan = candidate.payload
-            chosen_refit = {(c.start, c.end) for c in plan.choices} & refit
-            student = self.build(plan, chosen_refit)
-            built[candidate.plan_key] = (plan, chosen_refit, student)
+            student = self.build(plan, set())
+            built[candidate.plan_key] = (plan, set(), student)
             measured = self.compare(student)
             return measured["latency_b"]["median_ms"], measured["speedup"]["median"]
 
@@ -220,6 +235,42 @@ class CompressionProblem:
             initial_slope=model.scale, low=SPEEDUP_TOLERANCE, high=OVERSHOOT_TOLERANCE, max_rounds=MAX_ROUNDS)
         plan, chosen_refit, student = built[self.search.best.plan_key]
         return plan, chosen_refit, student, [attempt.to_dict() for attempt in self.search.attempts]
+
+    def importance_summary(self) -> dict:
+        """What the importance scores mean, how many held-out rows they used and why, and the cache's use."""
+        scorer = self.scorer
+        if not is_classifier(scorer.reference):
+            score = "-relative squared error of the outputs"
+        elif scorer.labels is not None:
+            score = "cross-entropy decrease against the labels (original minus entry, nats)"
+        else:
+            score = "-KL(original || entry) of the softmax, nats"
+        return {"score": score, "entries_scored": len(self.importance), "entries_skipped": len(self.skipped_entries),
+                "held_out": scorer.held_out_choice,
+                "cache": {"hits": scorer.cache_hits, "misses": scorer.cache_misses,
+                          "file": str(scorer.cache_path) if scorer.use_cache else None}}
+
+    def refine(self, plan: Plan, count: int = 1) -> tuple[Plan, onnx.ModelProto, RerankResult]:
+        """Weights and, with ``count > 1``, the plan itself, decided on the network actually built: ``plan`` and
+        up to ``count - 1`` near-optimal alternatives at its budget, each refitted segment by segment in chain
+        order on its own inputs (:func:`plans.sequential_refit`), scored jointly on the held-out inputs; the best
+        is kept (:func:`plans.rerank`). An alternative replaces a plan that met the target only if it still
+        does when timed (alternatives fit the same table budget but were never measured)."""
+        from onnxmerge.layermerge import plans
+
+        result = plans.rerank(self, plans.problem_choices(self), self.length, plan.budget_ms, plan,
+                              count=max(1, count))
+        student = plans.build(self, result.plan, result.overrides)
+        if result.chosen != 0 and self.search is not None and self.search.reached:
+            speedup = self.compare(student)["speedup"]["median"]
+            result.timed_speedup = speedup
+            if speedup < self.search.wanted * SPEEDUP_TOLERANCE:
+                result.fallback = (f"the re-ranked plan ran at {speedup:.3f}x, below the target: kept the DP's "
+                                   "plan")
+                overrides = plans.refit_overrides(self, plan, result.mode)
+                result.plan, result.overrides, result.chosen = plan, overrides, 0
+                student = plans.build(self, plan, overrides)
+        return result.plan, student, result
 
     def compare(self, student: onnx.ModelProto) -> dict:
         return compare(self.canonical, student, self.settings, input_shapes=self.shapes)
@@ -245,6 +296,7 @@ class CompressOptions:
     lr: float = 1e-3
     jobs: int = field(default_factory=available_cores)  # importance entries scored in parallel
     seed: int = 0
+    alternatives: int = 4  # plans re-ranked by one joint held-out pass each (1: the DP's plan only)
 
     def __post_init__(self) -> None:
         if self.speedup is not None and self.latency_budget_ms is not None:
@@ -253,8 +305,9 @@ class CompressOptions:
             raise BadInputError(f"speedup={self.speedup} must be > 1")
         if self.latency_budget_ms is not None and self.latency_budget_ms <= 0:
             raise BadInputError(f"latency_budget_ms={self.latency_budget_ms} must be > 0")
-        if self.recover_steps < 0 or self.jobs < 1:
-            raise BadInputError(f"need recover_steps= >= 0 and jobs= >= 1 (got {self.recover_steps}, {self.jobs})")
+        if self.recover_steps < 0 or self.jobs < 1 or self.alternatives < 1:
+            raise BadInputError(f"need recover_steps= >= 0, jobs= >= 1 and alternatives= >= 1 (got "
+                                f"{self.recover_steps}, {self.jobs}, {self.alternatives})")
 
 
 # Latency in compression is timed with 30 runs per measurement unless the caller says otherwise.
@@ -263,7 +316,7 @@ COMPRESS_SETTINGS = RuntimeSettings(runs=30)
 
 def prepare(model: ModelLike | PreparedModel, calibration: str | Path, settings: RuntimeSettings = COMPRESS_SETTINGS,
             *, input_shapes: InputShapes | None = None,
-            clock: _PhaseClock | None = None) -> CompressionProblem:
+            clock: _PhaseClock | None = None, cache_dir: str | Path | None = None) -> CompressionProblem:
     """Canonicalise (the exact, verified fold) and analyse a prepared model; measure the original end to end."""
     from onnxmerge.api import fold
 
@@ -281,8 +334,13 @@ def prepare(model: ModelLike | PreparedModel, calibration: str | Path, settings:
         canonical=canonical, analysis=analysis, shapes=shapes, calibration=calib,
         options={(s.start, s.end, option_key(o)): o for s in analysis.segments for o in s.options},
         scorer=ImportanceScorer(canonical, analysis, calib.fit, holdout=calib.held_out, labels=calib.labels,
-                                threads=settings.threads),
-        original_ms=original_ms, settings=settings, breakdown=breakdown)
+                                threads=settings.threads, cache_dir=_subfolder(cache_dir, "importance")),
+        original_ms=original_ms, settings=settings, breakdown=breakdown,
+        cache_dir=None if cache_dir is None else Path(cache_dir))
+
+
+def _subfolder(folder: str | Path | None, name: str) -> Path | None:
+    return None if folder is None else Path(folder) / name
 
 
 def _context_profile(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]],
@@ -300,59 +358,62 @@ def _context_profile(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]],
 def compress(model: ModelLike, output: str | Path | None = None, *, calibration: str | Path,
              options: CompressOptions | None = None, settings: RuntimeSettings | None = None,
              input_shapes: InputShapes | None = None, plan: str | Path | None = None, force: bool = False,
-             progress: bool = False, **overrides) -> CompressResult:
+             progress: bool = False, cache_dir: str | Path | None = None, **overrides) -> CompressResult:
     """Compress depth by merging convs across removed activations, under a latency target measured in ORT.
 
     ``options`` (:class:`CompressOptions`: target, recovery, jobs, seed) says what to do and ``settings``
     (:class:`~onnxmerge.runner.RuntimeSettings`, default 30 timed runs) how ORT runs; keyword ``overrides``
     set single fields of either (``compress(path, out, calibration=c, speedup=1.5, threads=2)``). The output
-    path is checked before any work.
+    path is checked before any work. ``progress`` shows each phase with an ETA (a bar on a terminal, periodic
+    lines otherwise). ``cache_dir`` holds the latency and importance caches (default: the user cache folder;
+    a later target on the same model and calibration reuses both tables).
     """
     options, settings = _split_overrides(options or CompressOptions(), settings or COMPRESS_SETTINGS, overrides)
     plan_path = Path(plan) if plan is not None else None
     reuse = plan_path is not None and plan_path.is_file()
     if options.speedup is None and options.latency_budget_ms is None and not reuse:
         raise BadInputError("give speedup= or latency_budget_ms= (or plan= naming an existing plan file)")
-    clock = _PhaseClock()
+    clock, reporter = _PhaseClock(), Reporter(enabled=progress)
     try:
-        return _compress(model, output, calibration, options, settings, input_shapes, plan_path, reuse, force,
-                         progress, clock)
+        prepared = prepare_model(model)  # once: the problem, the statistics and the output check all read it
+        if output is not None:  # before minutes of tables: a bad output path fails now
+            output = preflight_output(output, prepared, force=force)
+        problem = prepare(prepared, calibration, settings, input_shapes=input_shapes, clock=clock,
+                          cache_dir=cache_dir)
+        if options.recover:  # a student torch cannot train is refused now, not after the tables
+            from onnxmerge.layermerge.recover import check_trainable
+
+            check_trainable(problem.canonical, problem.calibration.fit, threads=settings.threads)
+        target_ms = (problem.original_ms / options.speedup if options.speedup is not None
+                     else options.latency_budget_ms)
+        rounds: list[dict] = []
+        if reuse:
+            chosen, _ = read_plan(plan_path, problem.options)
+            chosen, student, reranking = problem.refine(chosen, count=1)
+        else:
+            problem.measure_tables(jobs=options.jobs, clock=clock, reporter=reporter)
+            chosen, _, student, rounds = problem.solve_for(target_ms)
+            clock("search")
+            with reporter.phase("re-rank plans", total=None):
+                chosen, student, reranking = problem.refine(chosen, count=options.alternatives)
+            if plan_path is not None:
+                write_plan(plan_path, chosen, set(reranking.overrides), problem.options)
+        clock("plan_and_build")
+
+        trained = None
+        if options.recover:
+            from onnxmerge.layermerge.recover import distill
+
+            trained = distill(student, problem.canonical, problem.calibration.fit, steps=options.recover_steps,
+                              lr=options.lr, seed=options.seed, progress=progress, threads=settings.threads)
+            student = trained.model
+        clock("recover")
+
+        result = _report(problem, chosen, student, target_ms, rounds, trained, clock)
+        result.reranking = reranking.to_dict()
+        result.importance = problem.importance_summary()
     finally:
         clock.close()
-
-
-def _compress(model, output, calibration, options: CompressOptions, settings: RuntimeSettings, input_shapes,
-              plan_path: Path | None, reuse: bool, force: bool, progress: bool, clock: _PhaseClock) -> CompressResult:
-    prepared = prepare_model(model)  # once: the problem, the statistics and the output check all read it
-    if output is not None:  # before minutes of tables: a bad output path fails now
-        output = preflight_output(output, prepared, force=force)
-    problem = prepare(prepared, calibration, settings, input_shapes=input_shapes, clock=clock)
-    if options.recover:  # a student torch cannot train is refused now, not after the tables
-        from onnxmerge.layermerge.recover import check_trainable
-
-        check_trainable(problem.canonical, problem.calibration.fit, threads=settings.threads)
-    target_ms = problem.original_ms / options.speedup if options.speedup is not None else options.latency_budget_ms
-    rounds: list[dict] = []
-    if reuse:
-        chosen, refit = read_plan(plan_path, problem.options)
-        student = problem.build(chosen, refit)
-    else:
-        problem.measure_tables(jobs=options.jobs, clock=clock)
-        chosen, refit, student, rounds = problem.solve_for(target_ms)
-        if plan_path is not None:
-            write_plan(plan_path, chosen, refit, problem.options)
-    clock("plan_and_build")
-
-    trained = None
-    if options.recover:
-        from onnxmerge.layermerge.recover import distill
-
-        trained = distill(student, problem.canonical, problem.calibration.fit, steps=options.recover_steps,
-                          lr=options.lr, seed=options.seed, progress=progress, threads=settings.threads)
-        student = trained.model
-    clock("recover")
-
-    result = _report(problem, chosen, student, target_ms, rounds, trained, clock)
     result.input = None if prepared.path is None else str(prepared.path)
     result.before = model_stats(prepared.proto, problem.shapes)
     result.after = model_stats(student, problem.shapes)

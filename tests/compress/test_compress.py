@@ -118,7 +118,7 @@ def test_cli_inspect_and_bad_inputs(tmp_path):
         assert needle in result.stderr and "Traceback" not in result.stderr
 
 
-def test_labelled_calibration_scores_accuracy(tmp_path, trained_digits):
+def test_labelled_calibration_scores_cross_entropy(tmp_path, trained_digits):
     from models.digits import load_digits_split
 
     digits = trained_digits("resnet")
@@ -126,10 +126,15 @@ def test_labelled_calibration_scores_accuracy(tmp_path, trained_digits):
     save_model(digits.model, tmp_path / "model.onnx")
     np.savez(tmp_path / "calib.npz", input=digits.x_calib, labels=y_train[:len(digits.x_calib)])
     result = compress(tmp_path / "model.onnx", None, calibration=tmp_path / "calib.npz", speedup=1.1,
-                      recover=False, runs=5)
+                      recover=False, runs=5, cache_dir=tmp_path / "cache")
     fidelity = result.report["fidelity"]
     assert 0.9 <= fidelity["accuracy_original"] <= 1.0 and 0.0 <= fidelity["accuracy"] <= 1.0
-    # With labels every importance entry is a change in held-out accuracy: a multiple of 1/held-out size.
-    held_out = len(digits.x_calib) - round(len(digits.x_calib) * 0.75)
-    scores = [choice["importance"] for choice in result.plan.to_dict()["choices"]]
-    assert all(np.isclose(score * held_out, round(score * held_out)) for score in scores)
+    # With labels the table scores the change in cross-entropy (which can be positive: nothing is provably
+    # dominated, so nothing is skipped), never a change in accuracy.
+    importance = result.report["importance"]
+    assert importance["score"].startswith("cross-entropy") and importance["entries_skipped"] == 0
+    assert importance["cache"]["misses"] > 0 and importance["held_out"]["rows"] >= 1
+    again = compress(tmp_path / "model.onnx", None, calibration=tmp_path / "calib.npz", speedup=1.1,
+                     recover=False, runs=5, cache_dir=tmp_path / "cache")
+    assert again.report["importance"]["cache"]["misses"] == 0  # a second target reuses the cached table
+    assert again.report["importance"]["cache"]["hits"] == importance["entries_scored"]
