@@ -33,6 +33,9 @@ FLAG_FOR_PARAMETER = {
     "recover": "--no-recover",  # only ever written as recover=False
     "plan": "--plan",
     "jobs": "--jobs",
+    "alternatives": "--alternatives",
+    "search_space": "--search-space",
+    "recover_data": "--recover-data",
     "force": "--force",
     "base": "--base",
     "weights": "--weights",

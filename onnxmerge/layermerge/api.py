@@ -22,7 +22,7 @@ from onnxmerge.layermerge.build import SegmentChoice, apply_segments, dominant_a
 from onnxmerge.layermerge.dp import Plan, join_tables, minimum_latency, solve
 from onnxmerge.layermerge.importance import (ImportanceScorer, dominated_entries, fidelity, is_classifier,
                                              option_key)
-from onnxmerge.layermerge.segments import ChainAnalysis, KernelOption, analyse_chain
+from onnxmerge.layermerge.segments import SEARCH_SPACES, ChainAnalysis, KernelOption, analyse_chain
 from onnxmerge.errors import BadInputError, OnnxMergeError, first_line
 from onnxmerge.io import ModelLike, load_model, save_model
 from onnxmerge.latency_table import ConvSignature, measure
@@ -78,7 +78,7 @@ def load_calibration(path: str | Path, model: onnx.ModelProto,
 def _signature(option: KernelOption, activation: Activation | None, batch: int) -> ConvSignature:
     return ConvSignature(in_channels=option.in_channels, out_channels=option.out_channels, kernel=option.kernel,
                          input_hw=option.input_hw, stride=option.stride,
-                         groups=option.out_channels if option.depthwise else 1, padding="same",
+                         groups=option.groups, padding="same",
                          activation=activation, batch=batch)
 
 
@@ -297,6 +297,9 @@ class CompressOptions:
     jobs: int = field(default_factory=available_cores)  # importance entries scored in parallel
     seed: int = 0
     alternatives: int = 4  # plans re-ranked by one joint held-out pass each (1: the DP's plan only)
+    # "layermerge": the paper's search space exactly; "extended" adds stride crossing, grouped convs and
+    # dropping identity-residual blocks (about twice the table entries: see segments.SEARCH_SPACES)
+    search_space: str = "layermerge"
 
     def __post_init__(self) -> None:
         if self.speedup is not None and self.latency_budget_ms is not None:
@@ -305,6 +308,8 @@ class CompressOptions:
             raise BadInputError(f"speedup={self.speedup} must be > 1")
         if self.latency_budget_ms is not None and self.latency_budget_ms <= 0:
             raise BadInputError(f"latency_budget_ms={self.latency_budget_ms} must be > 0")
+        if self.search_space not in SEARCH_SPACES:
+            raise BadInputError(f"search_space={self.search_space!r} must be one of {', '.join(SEARCH_SPACES)}")
         if self.recover_steps < 0 or self.jobs < 1 or self.alternatives < 1:
             raise BadInputError(f"need recover_steps= >= 0, jobs= >= 1 and alternatives= >= 1 (got "
                                 f"{self.recover_steps}, {self.jobs}, {self.alternatives})")
@@ -316,7 +321,8 @@ COMPRESS_SETTINGS = RuntimeSettings(runs=30)
 
 def prepare(model: ModelLike | PreparedModel, calibration: str | Path, settings: RuntimeSettings = COMPRESS_SETTINGS,
             *, input_shapes: InputShapes | None = None,
-            clock: _PhaseClock | None = None, cache_dir: str | Path | None = None) -> CompressionProblem:
+            clock: _PhaseClock | None = None, cache_dir: str | Path | None = None,
+            search_space: str = "layermerge") -> CompressionProblem:
     """Canonicalise (the exact, verified fold) and analyse a prepared model; measure the original end to end."""
     from onnxmerge.api import fold
 
@@ -326,7 +332,7 @@ def prepare(model: ModelLike | PreparedModel, calibration: str | Path, settings:
     shapes = _static_shapes(prepared.proto, input_shapes)
     canonical = fold(prepared.proto, input_shapes=shapes).proto
     clock("canonicalize")
-    analysis = analyse_chain(canonical, shapes)
+    analysis = analyse_chain(canonical, shapes, search_space=search_space)
     clock("analyse")
     original_ms = profile(canonical, settings, input_shapes=shapes)["latency"]["median_ms"]
     breakdown = _context_profile(canonical, shapes, settings)
@@ -379,7 +385,7 @@ def compress(model: ModelLike, output: str | Path | None = None, *, calibration:
         if output is not None:  # before minutes of tables: a bad output path fails now
             output = preflight_output(output, prepared, force=force)
         problem = prepare(prepared, calibration, settings, input_shapes=input_shapes, clock=clock,
-                          cache_dir=cache_dir)
+                          cache_dir=cache_dir, search_space=options.search_space)
         if options.recover:  # a student torch cannot train is refused now, not after the tables
             from onnxmerge.layermerge.recover import check_trainable
 
@@ -497,7 +503,7 @@ def _static_shapes(model: onnx.ModelProto, input_shapes: InputShapes | None) -> 
     return {spec.name: spec.shape for spec in specs}
 
 
-def inspect(model: ModelLike, input_shapes: list[str] | dict | None = None):
+def inspect(model: ModelLike, input_shapes: list[str] | dict | None = None, search_space: str = "layermerge"):
     """The chain, its segments and kernel options, as tables (``compress --inspect``)."""
     from onnxmerge.api import fold
     from onnxmerge.layermerge.report import chain_tables
@@ -505,7 +511,7 @@ def inspect(model: ModelLike, input_shapes: list[str] | dict | None = None):
     proto = load_model(model).proto
     shapes = _static_shapes(proto, input_shapes)
     canonical = fold(proto, input_shapes=shapes).proto
-    return chain_tables(analyse_chain(canonical, shapes))
+    return chain_tables(analyse_chain(canonical, shapes, search_space=search_space))
 
 
 def _build(model: onnx.ModelProto, analysis: ChainAnalysis, plan: Plan, options: dict,

@@ -43,9 +43,22 @@ class SegmentChoice:
 
 
 def merged_conv(analysis: ChainAnalysis, graph: gs.Graph, start: int, end: int, kept: tuple[int, ...]) -> ConvParams:
-    """The single conv that segment (start, end] with ``kept`` convs computes, in pad-at-front form."""
+    """The single conv that segment (start, end] with ``kept`` convs computes, in pad-at-front form.
+
+    Convs not kept are the identity, so a residual block all of whose convs are pruned is x + x (LayerMerge's
+    pruning). Keeping nothing at all is the "drop" option of a segment that is exactly one identity-residual
+    block (search_space="extended"): the block x + f(x) becomes x, the identity as a 1x1 depthwise conv.
+    A strided conv may be followed by kept 1x1 convs only (segments.py); compose() is exact either way.
+    """
     kept_set = set(kept)
     nodes = {node.name: node for node in graph.nodes}
+    if not kept_set:
+        block = next((s for s in analysis.skips if (s.source, s.target) == (start, end)), None)
+        if block is None or block.projection is not None:
+            raise BadInputError(f"segment ({start}, {end}] keeps no conv; only a segment that is exactly one "
+                                "identity-residual block may (it is then dropped)")
+        last = analysis.convs[end].params
+        return identity_conv(last.out_channels, last.rank)
 
     def run(a: int, b: int, enclosing: Skip | None) -> ConvParams | None:
         result, position = None, a
@@ -78,7 +91,7 @@ def merged_conv(analysis: ChainAnalysis, graph: gs.Graph, start: int, end: int, 
 
     merged = run(start, end, None)
     if merged is None:
-        raise BadInputError(f"segment ({start}, {end}] keeps no conv; every segment needs at least one")
+        raise BadInputError(f"segment ({start}, {end}] keeps none of its convs ({sorted(kept_set)} are not in it)")
     return merged
 
 

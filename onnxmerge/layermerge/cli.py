@@ -12,6 +12,7 @@ from onnxmerge.cli_options import (add_input_shape_option, add_json_option, add_
 
 def register(commands) -> None:
     from onnxmerge.layermerge.api import COMPRESS_SETTINGS, CompressOptions, available_cores
+    from onnxmerge.layermerge.segments import SEARCH_SPACES
 
     parser = commands.add_parser(
         "compress", help="LayerMerge depth compression: remove activations, merge conv runs, recover by distillation",
@@ -38,6 +39,14 @@ def register(commands) -> None:
     parser.add_argument("--jobs", type=int, default=available_cores(),
                         help=f"importance entries scored in parallel (default: the cores available to this "
                              f"process, {available_cores()} here)")
+    parser.add_argument("--alternatives", type=int, default=CompressOptions.alternatives,
+                        help="near-optimal plans re-ranked by one joint held-out pass each (1: the DP's plan only; "
+                             f"default {CompressOptions.alternatives})")
+    parser.add_argument("--search-space", choices=SEARCH_SPACES, default=CompressOptions.search_space,
+                        help="'layermerge': the paper's segments exactly (default); 'extended': also cross strides "
+                             "when later k>1 convs are pruned, grouped convs, dropping identity-residual blocks")
+    parser.add_argument("--cache-dir", metavar="DIR", help="latency and importance caches (default: the user "
+                                                          "cache folder; a later target reuses both tables)")
     parser.add_argument("--inspect", action="store_true", help="print the chain, segments and options, then exit")
     parser.add_argument("--force", action="store_true", help="allow OUTPUT to be the input file")
     parser.set_defaults(handler=run)
@@ -50,7 +59,7 @@ def run(args: argparse.Namespace, console: Console) -> int:
     if args.inspect:
         from onnxmerge.layermerge.api import inspect
 
-        for table in inspect(args.input, input_shapes=input_shapes(args)):
+        for table in inspect(args.input, input_shapes=input_shapes(args), search_space=args.search_space):
             console.print(table)
         return 0
     output = output_path(args)
@@ -63,10 +72,11 @@ def run(args: argparse.Namespace, console: Console) -> int:
 
     options = CompressOptions(speedup=args.speedup, latency_budget_ms=args.latency_budget,
                               recover=not args.no_recover, recover_steps=args.recover_steps, lr=args.lr,
-                              jobs=args.jobs, seed=args.seed)
+                              jobs=args.jobs, seed=args.seed, alternatives=args.alternatives,
+                              search_space=args.search_space)
     result = compress(args.input, output, calibration=args.calib, options=options,
                       settings=runtime_settings(args), input_shapes=input_shapes(args), plan=args.plan,
-                      force=args.force, progress=True)
+                      force=args.force, progress=True, cache_dir=args.cache_dir)
     for table in compress_tables(result):
         console.print(table)
     if args.json:

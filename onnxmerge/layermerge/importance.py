@@ -569,12 +569,20 @@ class ImportanceScorer:
             result = self._collect(model, Dataset.of(inputs), wanted)
         return {name: result[name] if name in result else inputs[name] for name in names}
 
-    def score(self, choice: SegmentChoice, frontier_values: dict, params: ConvParams | None = None
-              ) -> tuple[float, float | None]:
-        candidate = apply_segments(self.model, self.analysis, [choice], overrides={(choice.start, choice.end): params}
-                                   if params is not None else None)
+    def score(self, choice: SegmentChoice, frontier_values: dict, params: ConvParams | None = None,
+              suffix: onnx.ModelProto | None = None) -> tuple[float, float | None]:
+        """Fidelity of the network with ``choice`` merged, run from ``frontier_values`` on. ``suffix`` (the
+        original after ``choice.start``, :func:`suffix_model` of the same frontier) lets every entry of a start
+        merge into that one cut instead of copying and cutting the whole network per entry: the segment's
+        nodes, its input tensor and everything after it are all in the suffix, so the result is the same graph."""
+        overrides = {(choice.start, choice.end): params} if params is not None else None
+        if suffix is not None:
+            candidate = apply_segments(suffix, self.analysis, [choice], overrides=overrides)
+        else:
+            candidate = suffix_model(apply_segments(self.model, self.analysis, [choice], overrides=overrides),
+                                     frontier_values)
         reference, labels = self._scored_reference()
-        return fidelity(reference, self._run(suffix_model(candidate, frontier_values), frontier_values), labels)
+        return fidelity(reference, self._run(candidate, frontier_values), labels)
 
     def _session(self, model: onnx.ModelProto):
         with self._lock:
@@ -659,6 +667,7 @@ class ImportanceScorer:
         frontier_values = (held_out.at(start, held_out.data.size) if held_out is not None
                            else self.held_out_frontier(start))
         refittable: dict[tuple[int, str], ConvParams] = {}
+        suffix = suffix_model(self.model, frontier_values)  # cut once per start, shared by its entries
 
         def composed(item: tuple[int, KernelOption]) -> ImportanceEntry:
             end, option = item
@@ -668,7 +677,7 @@ class ImportanceScorer:
             params = merged_conv(self.analysis, self._graph, start, end, option.kept)
             if use_refit and params.rank == 2 and refit_unknowns(params) <= MAX_REFIT_UNKNOWNS:
                 refittable[(end, option_key(option))] = params
-            score, agreement = self.score(choice, frontier_values, params)
+            score, agreement = self.score(choice, frontier_values, params, suffix)
             return ImportanceEntry(start, end, option_key(option), score, agreement, "composed")
 
         scored = {(entry.end, entry.option): entry for entry in pool.map(composed, group)}
@@ -676,7 +685,8 @@ class ImportanceScorer:
         options = {(end, option_key(option)): option for end, option in group}
 
         def refitted(key: tuple[int, str]) -> ImportanceEntry:
-            score, agreement = self.score(SegmentChoice(start, key[0], options[key]), frontier_values, fitted[key])
+            score, agreement = self.score(SegmentChoice(start, key[0], options[key]), frontier_values, fitted[key],
+                                          suffix)
             if score > scored[key].score:
                 return ImportanceEntry(start, key[0], key[1], score, agreement, "refit")
             return scored[key]

@@ -12,11 +12,24 @@ walk has to choose what the hand-written model classes fixed, the conventions ar
   conv out of its DP;
 - a strided conv shares a segment at most with the one pointwise conv right after it (LayerMerge's
   ``str_pos``): no kernel grows by a stride factor.
+
+``search_space="extended"`` widens LayerMerge's space (``"layermerge"``, the default, reproduces it exactly):
+
+- a segment may run on past a strided conv as long as every later k>1 conv in it is pruned, so the kept
+  convs after the stride are all 1x1 and no kernel grows by a stride factor. A k>1 conv after the stride
+  that cannot be pruned (irreducible) leaves the segment without options, and it is not listed. (The code of
+  LayerMerge asserts the same rule inside a segment; its ``str_pos`` breaks are just stricter.)
+- grouped convs (1 < groups < C_in) are on the chain. Composition regroups to the gcd of the groups
+  (conv_algebra.compose), so a segment is still one conv: grouped with grouped at the same grouping stays
+  grouped, grouped with a dense conv becomes dense. ``KernelOption.groups`` is the merged conv's grouping.
+- a segment that is exactly one identity-residual block (x + f(x), no projection) also has a "drop" option,
+  ``kept=()``: the whole block becomes the identity (not x + x, which is what pruning all its convs gives).
 """
 
 from __future__ import annotations
 
 import itertools
+import math
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -40,6 +53,7 @@ ACTIVATION_KINDS = activations.KINDS
 # as it always was here (tests/compress/test_segments.py::test_unknown_nonlinearity_is_a_break pins Clip(0, 4));
 # every other consumer handles it, so removing it from this set is all it takes to merge across such Clips.
 NOT_SLOTS = frozenset({"clip"})
+SEARCH_SPACES = ("layermerge", "extended")
 
 
 @dataclass(frozen=True)
@@ -82,9 +96,15 @@ class KernelOption:
     stride: tuple[int, ...]
     depthwise: bool  # every kept conv depthwise
     kept: tuple[int, ...]  # the max-sum-|W| subset realising this option; irreducible convs always in
-    in_channels: int
+    in_channels: int       # (empty: the "drop" option of an identity-residual block, extended space only)
     out_channels: int
     input_hw: tuple[int, ...]
+    groups: int = 1  # of the merged conv: out_channels if depthwise, else gcd of the kept convs' (and projections')
+
+    @property
+    def drops_block(self) -> bool:
+        """The segment is one identity-residual block and it becomes the identity."""
+        return not self.kept
 
 
 @dataclass(frozen=True)
@@ -109,12 +129,18 @@ class ChainAnalysis:
         return sum(len(segment.options) for segment in self.segments)
 
 
-def analyse_chain(model: onnx.ModelProto, input_shapes: Mapping[str | None, Sequence[int]] | None = None) -> ChainAnalysis:
+def analyse_chain(model: onnx.ModelProto, input_shapes: Mapping[str | None, Sequence[int]] | None = None, *,
+                  search_space: str = "layermerge") -> ChainAnalysis:
     """The chain, skips, breaks and segments of a canonicalised model at static input shapes.
 
     ``input_shapes`` is ``{name: dims}`` (name None for a single input); it
     is required where a model input has a dynamic dimension, since kernel options depend on map sizes.
+    ``search_space`` is ``"layermerge"`` (LayerMerge's own space, exactly) or ``"extended"`` (see the module
+    docstring: segments across strides, grouped convs, dropping identity-residual blocks).
     """
+    if search_space not in SEARCH_SPACES:
+        raise BadInputError(f"unknown search space {search_space!r}: expected one of {', '.join(SEARCH_SPACES)}")
+    extended = search_space == "extended"
     shapes = _static_shapes(model, input_shapes)
     graph = import_graph(model)
     graph.toposort()
@@ -122,7 +148,7 @@ def analyse_chain(model: onnx.ModelProto, input_shapes: Mapping[str | None, Sequ
     usable, unusable = {}, {}
     for node in graph.nodes:
         if node.op == "Conv":
-            checked = _usable_conv(node, shapes)
+            checked = _usable_conv(node, shapes, grouped=extended)
             (usable if isinstance(checked, ConvParams) else unusable)[id(node)] = checked
     residuals = _residual_candidates(graph, flow, usable)
     projections = {id(r.projection) for r in residuals.values() if r.projection is not None}
@@ -146,13 +172,22 @@ def analyse_chain(model: onnx.ModelProto, input_shapes: Mapping[str | None, Sequ
         if id(node) in usable and node.name not in on_chain and node.name not in excluded:
             excluded[node.name] = _off_chain_reason(node, skips)
     breaks = _breaks(graph, path, slots, skips, excluded)
-    _add_stride_breaks(convs, breaks)
+    if not extended:
+        _add_stride_breaks(convs, breaks)
     positions = [Position(index, _position_tensor(path, slots, index),
                           slot.activation.kind if slot.activation else None,
                           tuple(node.name for node in slot.activation_nodes), slot.activation)
                  for index, slot in enumerate(slots)]
-    segments = [Segment(i, j, _kernel_options(convs[i + 1:j + 1]))
-                for i, j in _valid_segments(len(convs) - 1, breaks, [(s.source, s.target) for s in skips])]
+    projection_groups = {(s.source, s.target): usable[id(node)].groups for node in graph.nodes
+                         for s in skips if s.projection == node.name}
+    segments = []
+    for i, j in _valid_segments(len(convs) - 1, breaks, [(s.source, s.target) for s in skips]):
+        nested = [g for (s, t), g in projection_groups.items() if i <= s and t <= j]
+        droppable = (extended and convs[i + 1].input_shape == convs[j].output_shape
+                     and any((s.source, s.target) == (i, j) and s.projection is None for s in skips))
+        options = _kernel_options(convs[i + 1:j + 1], nested, droppable)
+        if options:  # empty only where a k>1 conv after a stride cannot be pruned (extended space)
+            segments.append(Segment(i, j, options))
     analysis = ChainAnalysis(convs, positions, skips, breaks, segments, excluded)
     _check_names(graph, analysis)
     return analysis
@@ -182,15 +217,15 @@ def _static_shapes(model: onnx.ModelProto, input_shapes) -> dict[str, tuple[int,
     return static_shapes(model, {spec.name: spec.shape for spec in specs})
 
 
-def _usable_conv(node: gs.Node, shapes: dict) -> ConvParams | str:
-    """The conv's parameters if it can be merged, else why not."""
+def _usable_conv(node: gs.Node, shapes: dict, grouped: bool = False) -> ConvParams | str:
+    """The conv's parameters if it can be merged, else why not (``grouped``: grouped convs merge too)."""
     try:
         params = read_conv_params(node)
     except Refused as refused:
         return f"cannot read it: {refused.reason}"
-    if params.groups not in (1, params.in_channels):
+    if not grouped and params.groups not in (1, params.in_channels):
         return f"grouped conv (groups={params.groups} of {params.in_channels} input channels): only dense and " \
-               "depthwise convs merge"
+               "depthwise convs merge in the layermerge search space (search_space='extended' takes grouped convs)"
     if node.inputs[0].name not in shapes or node.outputs[0].name not in shapes:
         return "its input or output shape could not be inferred"
     return params
@@ -396,21 +431,34 @@ def _off_chain_reason(node: gs.Node, skips: list[Skip]) -> str:
 # --- kernel options -----------------------------------------------------------------------------------------
 
 
-def _kernel_options(members: list[ChainConv]) -> tuple[KernelOption, ...]:
+def _kernel_options(members: list[ChainConv], projection_groups: Sequence[int] = (),
+                    droppable: bool = False) -> tuple[KernelOption, ...]:
     """Every (kernel, depthwise) a segment can merge into, each with the kept subset of largest sum |W|.
 
     Convs of equal (reach, depthwise) are interchangeable for the kernel, so per such group only how many
     are kept matters (from its irreducible members to all of it), and the largest |W| sums come from
     keeping its heaviest reducible members (LayerMerge's find_max_importance_candidate).
+
+    A k>1 conv after a strided one in the segment (possible only in the extended space) is always pruned;
+    if it cannot be (irreducible), the segment has no option. Per axis the merged conv reads
+    x at S*t + sum_i (prod_{j<i} s_j) * d_i * u_i (conv_algebra.compose, by induction), so with the kept convs
+    after the strides all 1x1 the kernel is 1 + sum over the kept convs before them of d*(k-1), unscaled.
+    ``projection_groups`` are the groups of the projection shortcuts nested in the segment (absorbed into the
+    kernel, they bound its grouping); ``droppable`` adds the empty "drop the identity-residual block" option.
     """
     rank = members[0].params.rank
     strides_before, groups = (1,) * rank, {}
     for conv in members:
         p = conv.params
         reach = tuple(d * (k - 1) * s for d, k, s in zip(p.dilations, p.kernel_shape, strides_before))
+        if any(reach) and max(strides_before) > 1:
+            if not conv.reducible:
+                return ()
+            continue  # always pruned: reducible, so stride 1 too
         strides_before = tuple(a * b for a, b in zip(strides_before, p.strides))
         groups.setdefault((reach, p.is_depthwise), []).append(conv)
     l1 = {conv.index: float(np.abs(conv.params.weight).sum()) for conv in members}
+    grouping = {conv.index: conv.params.groups for conv in members}
     choices = []
     for (reach, depthwise), group in groups.items():
         fixed = [c.index for c in group if not c.reducible]
@@ -428,8 +476,17 @@ def _kernel_options(members: list[ChainConv]) -> tuple[KernelOption, ...]:
         if (kernel, depthwise) not in best or total > best[kernel, depthwise][0]:
             best[kernel, depthwise] = (total, tuple(kept))
     first, last = members[0], members[-1]
-    return tuple(KernelOption(kernel, strides_before, depthwise, kept, first.params.in_channels,
-                              last.params.out_channels, first.input_shape[2:])
+
+    def option(kernel, depthwise, kept) -> KernelOption:
+        merged_groups = last.params.out_channels if depthwise else \
+            math.gcd(*(grouping[i] for i in kept), *projection_groups)
+        return KernelOption(kernel, strides_before, depthwise, kept, first.params.in_channels,
+                            last.params.out_channels, first.input_shape[2:], merged_groups)
+
+    identity = ((1,) * rank, True)
+    if droppable and identity not in best:  # the identity as a 1x1 depthwise conv (conv_algebra.identity_conv)
+        best[identity] = (0.0, ())
+    return tuple(option(kernel, depthwise, kept)
                  for (kernel, depthwise), (_, kept) in sorted(best.items(), key=lambda item: (item[0][1], item[0][0])))
 
 

@@ -14,7 +14,7 @@ from onnxmerge.dataset import Dataset
 from onnxmerge.layermerge import importance
 from onnxmerge.layermerge.build import SegmentChoice, apply_segments, merged_conv
 from onnxmerge.layermerge.importance import (ImportanceScorer, _Walk, frontier, option_key, rows_for_noise,
-                                             span_model)
+                                             span_model, suffix_model)
 from onnxmerge.layermerge.segments import analyse_chain
 from onnxmerge.runner import make_session
 
@@ -222,3 +222,19 @@ def test_damaged_cache_is_rescored_and_an_interrupted_table_resumes(digits, tmp_
     repaired = _scorer(digits, tmp_path)
     repaired.table(entries)
     assert repaired.cache_hits == len(entries)
+
+
+def test_merging_into_the_shared_suffix_equals_merging_into_the_whole_network(digits, tmp_path):
+    canonical, analysis, _, _, _ = digits
+    scorer = _scorer(digits, tmp_path, use_cache=False)
+    checked = 0
+    for start, end, option in _entries(analysis, limit=6):
+        choice = SegmentChoice(start, end, option)
+        if choice.is_trivial:
+            continue
+        frontier_values = scorer.held_out_frontier(start)
+        shared = scorer.score(choice, frontier_values, suffix=suffix_model(canonical, frontier_values))
+        whole = scorer.score(choice, frontier_values)
+        assert shared == pytest.approx(whole, rel=1e-6, abs=1e-9), (start, end, option)
+        checked += 1
+    assert checked >= 2
