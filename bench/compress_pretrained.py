@@ -274,14 +274,14 @@ def compress_summary(report: dict) -> dict:
 def bench_target(target: float, *, model: Path, calibration: Path, evaluation: np.ndarray,
                  reference: np.ndarray, folder: Path, recover_steps: int, runs: int, jobs: int,
                  seed: int, timeout_s: float | None, table_cache: str | None,
-                 timing_shape: dict[str, tuple[int, ...]] | None = None) -> dict:
+                 timing_shape: dict[str, tuple[int, ...]] | None = None, extra: dict | None = None) -> dict:
     import onnxmerge
 
     row: dict = {"target": target}
     output = folder / f"compressed-{target:g}.onnx"
     kwargs = {"calibration": str(calibration), "speedup": target, "recover_steps": recover_steps,
               "recover": recover_steps > 0, "runs": runs, "jobs": jobs, "seed": seed, "threads": 1,
-              "force": True, "progress": True}  # progress goes to the child's log
+              "force": True, "progress": True} | (extra or {})  # progress goes to the child's log
     if table_cache:
         kwargs[table_cache] = str(folder / "tables")
     child = run_child({"model": str(model), "output": str(output), "kwargs": kwargs}, folder, f"{target:g}",
@@ -325,7 +325,8 @@ def run_bench(args) -> dict:
                         "seed": args.seed},
         "evaluation": {"rows": args.eval, "photos": list(split.evaluation_photos), "size": size, "seed": args.seed},
         "photo_split_s": round(split_s, 2),
-        "settings": {"recover_steps": args.recover_steps, "runs": args.runs, "jobs": args.jobs,
+        "settings": {"recover_steps": args.recover_steps, "lr": args.lr, "search_space": args.search_space,
+                     "alternatives": args.alternatives, "runs": args.runs, "jobs": args.jobs,
                      "timeout_min": args.timeout_min, "quick": args.quick,
                      "table_cache": table_cache or "none: compress() has no table-cache parameter; "
                                                    "each target rebuilds its tables (latency is disk-cached)"},
@@ -346,7 +347,9 @@ def run_bench(args) -> dict:
                                reference=reference, folder=folder, recover_steps=args.recover_steps,
                                runs=args.runs, jobs=args.jobs, seed=args.seed,
                                timeout_s=args.timeout_min * 60 if args.timeout_min else None,
-                               table_cache=table_cache, timing_shape={input_name: (1, *shape[1:])})
+                               table_cache=table_cache, timing_shape={input_name: (1, *shape[1:])},
+                               extra={"lr": args.lr, "search_space": args.search_space,
+                                      "alternatives": args.alternatives})
             row |= check_goal(row)
             results["rows"].append(row)
             print(f"  {row['status']} in {row.get('wall_s')} s", file=sys.stderr, flush=True)
@@ -396,7 +399,9 @@ def markdown(results: dict) -> str:
         f"Calibration: {calib.get('rows')} crops of {len(calib.get('photos', []))} photos; evaluation: "
         f"{evaluation.get('rows')} crops of {len(evaluation.get('photos', []))} other photos "
         f"({', '.join(evaluation.get('photos', []))}); split by photo. Recovery: "
-        f"{settings.get('recover_steps')} distillation steps. Timing: {settings.get('runs')} interleaved rounds. "
+        f"{settings.get('recover_steps')} distillation steps at lr {settings.get('lr')}; search space "
+        f"{settings.get('search_space')}, {settings.get('alternatives')} plans re-ranked. "
+        f"Timing: {settings.get('runs')} interleaved rounds. "
         "Fidelity is against the original, in ORT, on the evaluation crops; KL is KL(p_original ‖ p_compressed) "
         "in nats; peak RSS is the compress child process alone.", "",
         "| target | measured speed-up (p10–p90) | top-1 agreement | top-5 overlap | KL | wall time | peak RSS "
@@ -481,6 +486,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--eval", type=int, default=128, help="evaluation crops, unseen photos (default 128)")
     parser.add_argument("--targets", type=float, nargs="+", default=list(DEFAULT_TARGETS))
     parser.add_argument("--recover-steps", type=int, default=300, help="distillation steps (0: no recovery)")
+    parser.add_argument("--lr", type=float, default=1e-4,
+                        help="distillation learning rate (default 1e-4: a pretrained net drifts at 1e-3)")
+    parser.add_argument("--search-space", default="layermerge", help="compress's search space")
+    parser.add_argument("--alternatives", type=int, default=4, help="plans re-ranked jointly")
     parser.add_argument("--runs", type=int, default=50, help="timed rounds for every ORT timing (default 50)")
     parser.add_argument("--jobs", type=int, default=1, help="compress's jobs for the importance table")
     parser.add_argument("--seed", type=int, default=0)

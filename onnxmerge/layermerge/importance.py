@@ -207,8 +207,9 @@ def frontier(model: onnx.ModelProto, tensor: str) -> list[str]:
     return sorted((computed & needed) | {tensor})
 
 
-def suffix_model(model: onnx.ModelProto, inputs: dict[str, np.ndarray]) -> onnx.ModelProto:
-    """The part of ``model`` after the given tensors, which become its inputs."""
+def _fed_from(model: onnx.ModelProto, inputs: Mapping[str, np.ndarray]) -> gs.Graph:
+    """The model's graph with the given tensors cut from their producers and made its inputs (their dtype and
+    a symbolic batch from the values): what both a suffix and a span start from."""
     graph = import_graph(model)
     tensors = graph.tensors()
     new_inputs = []
@@ -218,6 +219,12 @@ def suffix_model(model: onnx.ModelProto, inputs: dict[str, np.ndarray]) -> onnx.
         tensor.dtype, tensor.shape = value.dtype, ["N", *value.shape[1:]]
         new_inputs.append(tensor)
     graph.inputs = new_inputs
+    return graph
+
+
+def suffix_model(model: onnx.ModelProto, inputs: dict[str, np.ndarray]) -> onnx.ModelProto:
+    """The part of ``model`` after the given tensors, which become its inputs."""
+    graph = _fed_from(model, inputs)
     graph.cleanup(remove_unused_graph_inputs=False)
     suffix = export_graph(graph, model)
     del suffix.graph.input[:]
@@ -252,15 +259,8 @@ def span_model(model: onnx.ModelProto, inputs: Mapping[str, np.ndarray], outputs
     What steps a frontier to the next start (and the prefix up to one start, with the graph's own inputs): the
     nodes run are exactly those of the original between the two, so the values match a full pass (ORT fuses
     across neither the inputs nor the outputs of either)."""
-    graph = import_graph(model)
+    graph = _fed_from(model, inputs)
     tensors = graph.tensors()
-    new_inputs = []
-    for name, value in inputs.items():
-        tensor = tensors[name]
-        tensor.inputs.clear()
-        tensor.dtype, tensor.shape = value.dtype, ["N", *value.shape[1:]]
-        new_inputs.append(tensor)
-    graph.inputs = new_inputs
     graph.outputs = [tensors[name] for name in outputs]
     graph.cleanup(remove_unused_graph_inputs=False)
     fed = set(inputs)

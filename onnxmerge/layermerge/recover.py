@@ -44,7 +44,7 @@ from __future__ import annotations
 import math
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -130,7 +130,7 @@ def distill(student: onnx.ModelProto, teacher: ModelLike, calibration: Dataset |
             progress: bool = True, threads: int = 2, held_out: Dataset | dict[str, np.ndarray] | None = None,
             match: Sequence[str] = (), feature_weight: float = FEATURE_WEIGHT, augment: bool = True,
             labels: np.ndarray | None = None, label_weight: float = LABEL_WEIGHT,
-            eval_every: int | None = None) -> DistillResult:
+            eval_every: int | None = None, trainable: Collection[str] | None = None) -> DistillResult:
     """Train ``student``'s Conv/Gemm/MatMul weights to reproduce ``teacher`` on ``calibration`` (input name →
     N x ... array, or a loaded :class:`~onnxmerge.dataset.Dataset`) with Adam and a cosine schedule;
     deterministic for a seed and thread count. See the module docstring for the loss and the held-out score.
@@ -143,6 +143,8 @@ def distill(student: onnx.ModelProto, teacher: ModelLike, calibration: Dataset |
     the seeded split go unused), for a cross-entropy term on the one classifier output; labels inside a
     Dataset are not used unless passed here. ``eval_every``: steps between held-out evaluations (default:
     about 10 per run). ``progress``: a bar on a terminal, else a plain line on stderr every tenth of the run.
+    ``trainable``: initializer names to train (default: every weight); the others stay frozen, which keeps a
+    pretrained network's untouched layers exactly as they were while the changed ones learn.
 
     Ctrl-C during training stops it: the best checkpoint so far is written back, checked and returned with
     ``interrupted=True`` (a line on stderr says so); a second Ctrl-C aborts as usual.
@@ -163,6 +165,13 @@ def distill(student: onnx.ModelProto, teacher: ModelLike, calibration: Dataset |
     module = OnnxModule(student)
     if not list(module.parameters()):
         raise BadInputError(_NO_WEIGHTS)
+    if trainable is not None:
+        wanted = set(trainable)
+        unknown = sorted(wanted - {name for name, _ in module.named_onnx_parameters()})
+        if unknown or not wanted:
+            raise BadInputError(f"trainable= names no weight of the student: {unknown[:3] or 'none given'}")
+        for name, param in module.named_onnx_parameters():
+            param.requires_grad_(name in wanted)
     if held_out is None:
         train, rows = _split(count, seed)
         held = _rows(inputs, np.sort(rows))
@@ -268,7 +277,7 @@ class _Run:
             with Progress(*columns, console=Console(stderr=True), disable=not interactive) as bar:
                 task = bar.add_task("distill", total=self.steps, loss="-", score=self.score_text())
                 generator = torch.Generator().manual_seed(self.seed)
-                optimizer = torch.optim.Adam(self.module.parameters(), lr=self.lr)
+                optimizer = torch.optim.Adam([p for p in self.module.parameters() if p.requires_grad], lr=self.lr)
                 schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=self.steps)
                 batch_size = min(self.batch_size, len(self.train_rows))
                 order, position = torch.randperm(len(self.train_rows), generator=generator).numpy(), 0

@@ -27,9 +27,26 @@ def compress_tables(result) -> list[Table]:
     target = "-" if report["target_ms"] is None else f"{report['target_ms']:.3f}"
     summary.add_row("latency original / target / measured (ms)",
                     f"{report['original_ms']:.3f} / {target} / {report['measured_ms']:.3f}")
+    search = report.get("search") or {}
     if report["reached_target"] is False:
-        summary.add_row("[yellow]target reached[/]", "[yellow]no: best plan within the bounded rounds[/]")
-    summary.add_row("predicted latency of the chain (table)", f"{report['predicted_table_ms']:.3f} ms")
+        why = search.get("reason") or "best plan within the bounded rounds"
+        summary.add_row("[yellow]target reached[/]", f"[yellow]no: {why}[/]")
+    if search.get("attempts"):
+        summary.add_row("plans measured by the budget search", str(len({a["plan_key"] for a in search["attempts"]})))
+    summary.add_row("predicted latency of the chain (table, kernel time)", f"{report['predicted_table_ms']:.3f} ms")
+    model = report.get("latency_model") or {}
+    if model:
+        summary.add_row("latency outside the table (uncovered)", f"{model['uncovered_ms']:.3f} ms ({model['source']})")
+    reranking = report.get("reranking") or {}
+    if len(reranking.get("candidates") or []) > 1:
+        chosen = reranking["candidates"][reranking["chosen"]]
+        summary.add_row("plans re-ranked / chosen (joint held-out score)",
+                        f"{len(reranking['candidates'])} / #{reranking['chosen']} ({chosen['joint_score']:.4g})")
+    importance = report.get("importance") or {}
+    if importance:
+        cache = importance.get("cache") or {}
+        summary.add_row("importance entries scored / skipped / from cache",
+                        f"{importance['entries_scored']} / {importance['entries_skipped']} / {cache.get('hits', 0)}")
     if fidelity.get("top1_agreement") is not None:
         summary.add_row("top-1 agreement with the original (held out)", f"{fidelity['top1_agreement']:.2%}")
     if "accuracy" in fidelity:
@@ -37,8 +54,10 @@ def compress_tables(result) -> list[Table]:
                         f"{fidelity['accuracy_original']:.2%} / {fidelity['accuracy']:.2%}")
     summary.add_row("max / mean abs output error", f"{fidelity['max_abs_error']:.3g} / {fidelity['mean_abs_error']:.3g}")
     summary.add_row("segments / (segment, kernel) entries", f"{report['segments']} / {report['entries']}")
+    rss = report.get("peak_rss_mib") or {}
     for phase, seconds in report["wall_s"].items():
-        summary.add_row(f"time: {phase}", f"{seconds:.1f} s")
+        peak = f", peak RSS {rss[phase]:.0f} MiB" if phase in rss else ""
+        summary.add_row(f"time: {phase}", f"{seconds:.1f} s{peak}")
     plan = Table(title="plan (merged segments)")
     for column in ("segment", "option", "table ms", "importance"):
         plan.add_column(column, justify="right" if column != "option" else "left")

@@ -13,7 +13,8 @@ walk has to choose what the hand-written model classes fixed, the conventions ar
 - a strided conv shares a segment at most with the one pointwise conv right after it (LayerMerge's
   ``str_pos``): no kernel grows by a stride factor.
 
-``search_space="extended"`` widens LayerMerge's space (``"layermerge"``, the default, reproduces it exactly):
+``search_space="extended"`` widens LayerMerge's space (``"layermerge"``, the default, reproduces it exactly;
+``"blocks"`` is LayerMerge's space plus only the last item below, dropping identity-residual blocks):
 
 - a segment may run on past a strided conv as long as every later k>1 conv in it is pruned, so the kept
   convs after the stride are all 1x1 and no kernel grows by a stride factor. A k>1 conv after the stride
@@ -53,7 +54,7 @@ ACTIVATION_KINDS = activations.KINDS
 # as it always was here (tests/compress/test_segments.py::test_unknown_nonlinearity_is_a_break pins Clip(0, 4));
 # every other consumer handles it, so removing it from this set is all it takes to merge across such Clips.
 NOT_SLOTS = frozenset({"clip"})
-SEARCH_SPACES = ("layermerge", "extended")
+SEARCH_SPACES = ("layermerge", "blocks", "extended")
 
 
 @dataclass(frozen=True)
@@ -141,6 +142,7 @@ def analyse_chain(model: onnx.ModelProto, input_shapes: Mapping[str | None, Sequ
     if search_space not in SEARCH_SPACES:
         raise BadInputError(f"unknown search space {search_space!r}: expected one of {', '.join(SEARCH_SPACES)}")
     extended = search_space == "extended"
+    drop_blocks = search_space in ("blocks", "extended")
     shapes = _static_shapes(model, input_shapes)
     graph = import_graph(model)
     graph.toposort()
@@ -183,7 +185,7 @@ def analyse_chain(model: onnx.ModelProto, input_shapes: Mapping[str | None, Sequ
     segments = []
     for i, j in _valid_segments(len(convs) - 1, breaks, [(s.source, s.target) for s in skips]):
         nested = [g for (s, t), g in projection_groups.items() if i <= s and t <= j]
-        droppable = (extended and convs[i + 1].input_shape == convs[j].output_shape
+        droppable = (drop_blocks and convs[i + 1].input_shape == convs[j].output_shape
                      and any((s.source, s.target) == (i, j) and s.projection is None for s in skips))
         options = _kernel_options(convs[i + 1:j + 1], nested, droppable)
         if options:  # empty only where a k>1 conv after a stride cannot be pruned (extended space)

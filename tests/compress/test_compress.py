@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import numpy as np
 import onnx
@@ -83,6 +84,25 @@ def test_bad_calibration_is_refused(tmp_path, kind, match):
         np.savez(calib, x=np.zeros((4, 3, 9, 9), np.float32))
     with pytest.raises(BadInputError, match=match):
         compress(model, None, calibration=calib, speedup=1.2, recover=False)
+
+
+def test_bad_recover_data_and_search_space_are_refused_before_the_tables(tmp_path):
+    g = GraphBuilder(("N", 3, 8, 8))
+    x = g.node("Relu", [g.conv(g.node("Relu", [g.conv("x", 3, 4, pads=[1, 1, 1, 1])]), 4, 4, pads=[1, 1, 1, 1])])
+    weight = g.const(np.ones((3, 4), np.float32))
+    model = save_model(g.build(g.node("Gemm", [g.node("Flatten", [g.node("GlobalAveragePool", [x])]), weight],
+                                      transB=1)), tmp_path / "m.onnx")
+    np.savez(tmp_path / "calib.npz", x=np.zeros((8, 3, 8, 8), np.float32))
+    np.savez(tmp_path / "more.npz", x=np.zeros((8, 3, 9, 9), np.float32))
+    started = time.perf_counter()
+    with pytest.raises(BadInputError, match="recover data"):
+        compress(model, None, calibration=tmp_path / "calib.npz", speedup=1.2, recover_data=tmp_path / "more.npz",
+                 cache_dir=tmp_path / "cache")
+    assert time.perf_counter() - started < 60 and not (tmp_path / "cache" / "importance").exists()
+    with pytest.raises(BadInputError, match="search_space="):
+        compress(model, None, calibration=tmp_path / "calib.npz", speedup=1.2, search_space="wide")
+    with pytest.raises(BadInputError, match="alternatives="):
+        compress(model, None, calibration=tmp_path / "calib.npz", speedup=1.2, alternatives=0)
 
 
 def test_dynamic_spatial_dims_need_input_shape(tmp_path):

@@ -203,3 +203,20 @@ def test_ctrl_c_returns_the_best_checkpoint_so_far(capfd):
     assert result.best_step in [entry["step"] for entry in result.history]
     assert result.max_abs_error <= result.tolerance
     assert "interrupted after" in capfd.readouterr().err
+
+
+def test_only_the_named_weights_train(digits):
+    teacher, student, x_train, _, x_test = digits
+    names = [init.name for init in student.graph.initializer if init.dims and len(init.dims) == 4]
+    chosen = set(names[:1])
+    result = distill(student, teacher, {"input": x_train}, steps=5, seed=0, progress=False, threads=1,
+                     held_out={"input": x_test}, trainable=chosen)
+    before = {i.name: onnx.numpy_helper.to_array(i) for i in student.graph.initializer}
+    after = {i.name: onnx.numpy_helper.to_array(i) for i in result.model.graph.initializer}
+    changed = {name for name in before if name in after and not np.array_equal(before[name], after[name])}
+    if result.best_step:  # the returned state is a trained one: exactly the named weight moved
+        assert changed == chosen
+    else:
+        assert changed == set()
+    with pytest.raises(BadInputError, match="trainable= names no weight"):
+        distill(student, teacher, {"input": x_train}, steps=1, progress=False, threads=1, trainable={"nope"})

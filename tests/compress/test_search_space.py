@@ -300,3 +300,13 @@ def test_every_extended_option_is_the_conv_merged_conv_builds(build):
             assert (conv.kernel_shape, conv.strides, conv.dilations, conv.groups, conv.in_channels,
                     conv.out_channels) == (option.kernel, option.stride, (1, 1), option.groups,
                                            option.in_channels, option.out_channels), (segment.start, segment.end)
+
+
+def test_blocks_space_is_the_layermerge_space_plus_block_drops():
+    model = _small_resnet()
+    base, blocks = analyse_chain(model), analyse_chain(model, search_space="blocks")
+    extra = {(s.start, s.end, o) for s in blocks.segments for o in s.options} - \
+        {(s.start, s.end, o) for s in base.segments for o in s.options}
+    assert {(start, end) for start, end, _ in extra} == {(0, 2), (4, 6)}
+    assert all(option.drops_block for _, _, option in extra)  # nothing else is added
+    assert [(s.start, s.end) for s in blocks.segments] == [(s.start, s.end) for s in base.segments]
