@@ -109,9 +109,9 @@ def test_dominated_entries_are_never_scored_and_every_plan_is_unchanged(chain, m
     scored = []
     real_score = ImportanceScorer.score
 
-    def counting_score(self, choice, frontier_values, params=None):
+    def counting_score(self, choice, frontier_values, params=None, suffix=None):
         scored.append((choice.start, choice.end, option_key(choice.option)))
-        return real_score(self, choice, frontier_values, params)
+        return real_score(self, choice, frontier_values, params, suffix)
 
     monkeypatch.setattr(ImportanceScorer, "score", counting_score)
     problem.measure_tables(jobs=2, latency=latency)

@@ -123,7 +123,7 @@ def _strided_bottleneck():
 
 
 def test_unknown_search_space_is_refused():
-    with pytest.raises(BadInputError, match="unknown search space 'wide'.*layermerge, extended"):
+    with pytest.raises(BadInputError, match="unknown search space 'wide'.*layermerge, blocks, extended"):
         analyse_chain(_small_resnet(), search_space="wide")
 
 
