@@ -35,8 +35,8 @@ from onnxmerge.errors import BadInputError
 from onnxmerge.graph import export_graph, import_graph
 from onnxmerge.layermerge.build import SegmentChoice, apply_segments, merged_conv
 from onnxmerge.layermerge.dp import Choice, Plan, join_tables, solve
-from onnxmerge.layermerge.importance import MAX_REFIT_UNKNOWNS, fidelity, is_original, refit, refit_unknowns, \
-    with_outputs
+from onnxmerge.layermerge.importance import (MAX_REFIT_UNKNOWNS, fidelity, is_original, option_key, refit,
+                                             refit_unknowns, with_outputs)
 from onnxmerge.runner import make_session
 
 Key = tuple[int, int, Hashable]
@@ -213,7 +213,7 @@ class RefitReport:
                 "target_seconds": self.target_seconds, "seconds": self.seconds}
 
 
-def sequential_refit(problem, plan: Plan, *, check_held_out: bool = False) -> RefitReport:
+def sequential_refit(problem, plan: Plan, *, check_held_out: bool = False, cache: dict | None = None) -> RefitReport:
     """Refit the plan's merged segments in chain order, each on the inputs the network compressed so far gives it.
 
     Segment i's ridge refit (:func:`importance.refit`, started from nothing but the composed conv's geometry) maps
@@ -235,6 +235,11 @@ def sequential_refit(problem, plan: Plan, *, check_held_out: bool = False) -> Re
     Passes: one of the original (every target, on the largest fit-image count any segment needs), then per
     segment one prefix pass of the partial student on the segment's :meth:`fit_images` and, with
     ``check_held_out``, two held-out passes of the whole partial student.
+
+    ``cache`` (a dict the caller keeps across plans, as :func:`rerank` does) holds the original's targets and
+    every fitted conv keyed by the merged segments up to and including it: a segment's refit depends only on
+    the segments before it, so plans that share a prefix of merges (leave-one-out alternatives share most of
+    theirs) fit it once. Not used with ``check_held_out``, whose decisions depend on more than the prefix.
     """
     began = time.perf_counter()
     scorer, analysis = problem.scorer, problem.analysis
@@ -249,14 +254,28 @@ def sequential_refit(problem, plan: Plan, *, check_held_out: bool = False) -> Re
     counts = {c.start: scorer.fit_images(c.start) for c in chosen}
     names = list(dict.fromkeys(targets_by_segment.values()))
     fit = problem.calibration.fit
-    values = _run(problem, prefix_model(problem.canonical, names), fit.rows(slice(0, max(counts.values()))))
-    original = dict(zip(names, values))
+    cache = {} if cache is None or check_held_out else cache
+    original = cache.setdefault("targets", {})
+    need = max(counts.values())
+    missing = [name for name in names if name not in original or len(original[name]) < need]
+    if missing:
+        original.update(zip(missing, _run(problem, prefix_model(problem.canonical, missing), fit.rows(slice(0, need)))))
+    fits = cache.setdefault("fits", {})
     report.target_seconds = time.perf_counter() - began
 
     done: list[SegmentChoice] = []
-    for choice in chosen:
+    for index, choice in enumerate(chosen):
         clock = time.perf_counter()
         span, images = (choice.start, choice.end), counts[choice.start]
+        prefix = tuple((c.start, c.end, option_key(c.option)) for c in chosen[:index + 1])
+        if prefix in fits:
+            fitted, method = fits[prefix]
+            if fitted is not None:
+                report.overrides[span] = fitted
+            done.append(choice)
+            report.segments.append(SegmentRefit(choice.start, choice.end, f"{method} (shared)", images, None, None,
+                                                round(time.perf_counter() - clock, 3)))
+            continue
         composed = merged_conv(analysis, graph, choice.start, choice.end, choice.option.kept)
         why = _why_no_refit(composed)
         fitted = None
@@ -279,6 +298,7 @@ def sequential_refit(problem, plan: Plan, *, check_held_out: bool = False) -> Re
                 fitted, method = None, "composed"
         if fitted is not None:
             report.overrides[span] = fitted
+        fits[prefix] = (fitted, method)
         done.append(choice)
         report.segments.append(SegmentRefit(choice.start, choice.end, method, images, refit_score, composed_score,
                                             round(time.perf_counter() - clock, 3)))
@@ -294,11 +314,11 @@ def _why_no_refit(params: ConvParams) -> str | None:
     return None
 
 
-def refit_overrides(problem, plan: Plan, mode: str) -> Overrides:
-    """The merged convs to build ``plan`` with: ``"sequential"`` (:func:`sequential_refit`), ``"independent"``
-    (:func:`independent_refit`, what compress builds today) or ``"composed"`` (none: every merge composed)."""
+def refit_overrides(problem, plan: Plan, mode: str, cache: dict | None = None) -> Overrides:
+    """The merged convs to build ``plan`` with: ``"sequential"`` (:func:`sequential_refit`, sharing ``cache``),
+    ``"independent"`` (:func:`independent_refit`) or ``"composed"`` (none: every merge composed)."""
     if mode == "sequential":
-        return sequential_refit(problem, plan).overrides
+        return sequential_refit(problem, plan, cache=cache).overrides
     if mode == "independent":
         return independent_refit(problem, plan)
     if mode == "composed":
@@ -360,10 +380,10 @@ def rerank(problem, choices: list[Choice], length: int, budget_ms: float, best: 
     if mode not in REFIT_MODES:
         raise BadInputError(f"refit mode must be one of {', '.join(REFIT_MODES)}, got {mode!r}")
     plans = alternative_plans(choices, length, budget_ms, best, count, fixed=original_keys(problem), depth=depth)
-    candidates, overrides = [], []
+    candidates, overrides, cache = [], [], {}
     for rank, plan in enumerate(plans):
         clock = time.perf_counter()
-        fitted = refit_overrides(problem, plan, mode)
+        fitted = refit_overrides(problem, plan, mode, cache)
         refitted = time.perf_counter()
         score, agreement = joint_fidelity(problem, build(problem, plan, fitted))
         candidates.append(Candidate(rank, plan_keys(plan), plan.importance, plan.latency_ms, score, agreement,

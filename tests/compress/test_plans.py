@@ -224,3 +224,19 @@ def test_rerank_keeps_the_candidate_with_the_best_recomputed_joint_score(problem
         [c.keys for c in result.candidates[:2]]
     with pytest.raises(BadInputError):
         plans.rerank(problem, choices, problem.length, budget, best, mode="greedy")
+
+
+def test_plans_sharing_a_prefix_of_merges_fit_it_once(problem):
+    plan = _plan(problem, ADJACENT)
+    fresh = plans.sequential_refit(problem, plan)
+    cache: dict = {}
+    first = plans.sequential_refit(problem, plan, cache=cache)
+    again = plans.sequential_refit(problem, plan, cache=cache)
+    assert all(s.method.endswith("(shared)") for s in again.segments)  # nothing fitted twice
+    assert not any(s.method.endswith("(shared)") for s in first.segments)
+    assert set(again.overrides) == set(first.overrides) == set(fresh.overrides)
+    for span, params in fresh.overrides.items():
+        np.testing.assert_array_equal(again.overrides[span].weight, params.weight)
+    shorter = _plan(problem, ADJACENT[:2])  # same first two merges, the third left original
+    shared = plans.sequential_refit(problem, shorter, cache=cache)
+    assert [s.method.endswith("(shared)") for s in shared.segments] == [True, True]
