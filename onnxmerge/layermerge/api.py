@@ -313,7 +313,8 @@ class CompressOptions:
     recover: bool = True
     recover_steps: int = 300
     lr: float = 1e-3
-    jobs: int = field(default_factory=available_cores)  # importance entries scored in parallel
+    # importance entries scored in parallel; compress runs at most cores // threads of them (no oversubscription)
+    jobs: int = field(default_factory=available_cores)
     seed: int = 0
     alternatives: int = 4  # plans re-ranked by one joint held-out pass each (1: the DP's plan only)
     # "layermerge": the paper's search space exactly; "extended" adds stride crossing, grouped convs and
@@ -420,7 +421,9 @@ def compress(model: ModelLike, output: str | Path | None = None, *, calibration:
             chosen, _ = read_plan(plan_path, problem.options)
             chosen, student, reranking = problem.refine(chosen, count=1)
         else:
-            problem.measure_tables(jobs=options.jobs, clock=clock, reporter=reporter)
+            # Each job runs ORT sessions of ``threads`` threads: more than cores // threads jobs only contend.
+            jobs = max(1, min(options.jobs, available_cores() // settings.threads))
+            problem.measure_tables(jobs=jobs, clock=clock, reporter=reporter)
             chosen, _, student, rounds = problem.solve_for(target_ms)
             clock("search")
             with reporter.phase("re-rank plans", total=None):
