@@ -56,7 +56,7 @@ def bench_model(label: str, model: Path, calibration: Path, speedups: list[float
         row = {"target": target}
         target_started = time.perf_counter()
         try:
-            plan, _, student, rounds = problem.solve_for(problem.original_ms / target)
+            plan, student, rounds = problem.solve_for(problem.original_ms / target)
         except BadInputError as refused:
             rows.append(row | {"status": str(refused)})
             continue

@@ -18,8 +18,8 @@ import numpy as np
 import onnx
 
 from onnxmerge.activations import Activation
-from onnxmerge.layermerge.build import SegmentChoice, apply_segments, dominant_activation
-from onnxmerge.layermerge.dp import Plan, join_tables, minimum_latency, solve
+from onnxmerge.layermerge.build import dominant_activation
+from onnxmerge.layermerge.dp import Plan, minimum_latency, solve
 from onnxmerge.layermerge.importance import (ImportanceScorer, dominated_entries, fidelity, is_classifier,
                                              option_key)
 from onnxmerge.layermerge.segments import SEARCH_SPACES, ChainAnalysis, KernelOption, analyse_chain
@@ -39,6 +39,7 @@ from onnxmerge.runner import RuntimeSettings, input_specs, make_session, random_
 from onnxmerge.trace import NodeBreakdown, profile_nodes
 from onnxmerge.layermerge.context import LatencyModel, latency_model
 from onnxmerge.layermerge.search import Candidate, SearchResult, search_budget
+from onnxmerge.layermerge import plans
 from onnxmerge.layermerge.plans import RerankResult
 
 MAX_ROUNDS = 5  # plans built and measured by the budget search (each distinct plan once)
@@ -188,10 +189,7 @@ class CompressionProblem:
         if clock:
             clock("importance_table")
 
-    def build(self, plan: Plan, refit: set[tuple[int, int]]) -> onnx.ModelProto:
-        return _build(self.canonical, self.analysis, plan, self.options, refit, self.scorer)
-
-    def solve_for(self, target_ms: float) -> tuple[Plan, set[tuple[int, int]], onnx.ModelProto, list[dict]]:
+    def solve_for(self, target_ms: float) -> tuple[Plan, onnx.ModelProto, list[dict]]:
         """The best measured plan for ``target_ms``: the DP's budget from the latency model, then a search in both
         directions on measured latency (:mod:`onnxmerge.layermerge.search`), which keeps the best plan that
         meets the target, or reports honestly that none did (``self.search``).
@@ -201,10 +199,10 @@ class CompressionProblem:
         fast and as important (up to the DP's rounding of each latency up to whole units: a span of k originals
         may round to up to k - 1 units more than the entry it replaces).
 
-        Returns (plan, refit segments (none: the search times composed convs, whose latency is the refitted
-        ones'; :meth:`refine` fits the weights), built student, the measured attempts as dicts).
+        Returns (plan, its student with composed convs — latency does not depend on weight values, and
+        :meth:`refine` fits the weights —, the measured attempts as dicts).
         """
-        choices = join_tables(self.latency, {key: entry.score for key, entry in self.importance.items()})
+        choices = plans.problem_choices(self)
         model = self.latency_model
         # The exact minimum is a rational sum; its float can round below it, which the DP would refuse.
         fastest = math.nextafter(minimum_latency(choices, self.length), math.inf)
@@ -224,8 +222,8 @@ class CompressionProblem:
         def measure_plan(candidate: Candidate) -> tuple[float, float]:
             # Latency does not depend on weight values: the search times composed convs and refits nothing.
             plan = candidate.payload
-            student = self.build(plan, set())
-            built[candidate.plan_key] = (plan, set(), student)
+            student = plans.build(self, plan)
+            built[candidate.plan_key] = (plan, student)
             measured = self.compare(student)
             return measured["latency_b"]["median_ms"], measured["speedup"]["median"]
 
@@ -233,8 +231,8 @@ class CompressionProblem:
             solve_at, measure_plan, wanted=self.original_ms / target_ms, original_ms=self.original_ms,
             start_budget=max(budget, fastest), min_budget=fastest, max_budget=max(self.table_original_ms, fastest),
             initial_slope=model.scale, low=SPEEDUP_TOLERANCE, high=OVERSHOOT_TOLERANCE, max_rounds=MAX_ROUNDS)
-        plan, chosen_refit, student = built[self.search.best.plan_key]
-        return plan, chosen_refit, student, [attempt.to_dict() for attempt in self.search.attempts]
+        plan, student = built[self.search.best.plan_key]
+        return plan, student, [attempt.to_dict() for attempt in self.search.attempts]
 
     def importance_summary(self) -> dict:
         """What the importance scores mean, how many held-out rows they used and why, and the cache's use."""
@@ -256,8 +254,6 @@ class CompressionProblem:
         order on its own inputs (:func:`plans.sequential_refit`), scored jointly on the held-out inputs; the best
         is kept (:func:`plans.rerank`). An alternative replaces a plan that met the target only if it still
         does when timed (alternatives fit the same table budget but were never measured)."""
-        from onnxmerge.layermerge import plans
-
         result = plans.rerank(self, plans.problem_choices(self), self.length, plan.budget_ms, plan,
                               count=max(1, count))
         student = plans.build(self, result.plan, result.overrides)
@@ -418,13 +414,13 @@ def compress(model: ModelLike, output: str | Path | None = None, *, calibration:
                      else options.latency_budget_ms)
         rounds: list[dict] = []
         if reuse:
-            chosen, _ = read_plan(plan_path, problem.options)
+            chosen = read_plan(plan_path, problem.options)
             chosen, student, reranking = problem.refine(chosen, count=1)
         else:
             # Each job runs ORT sessions of ``threads`` threads: more than cores // threads jobs only contend.
             jobs = max(1, min(options.jobs, available_cores() // settings.threads))
             problem.measure_tables(jobs=jobs, clock=clock, reporter=reporter)
-            chosen, _, student, rounds = problem.solve_for(target_ms)
+            chosen, student, rounds = problem.solve_for(target_ms)
             clock("search")
             with reporter.phase("re-rank plans", total=None):
                 chosen, student, reranking = problem.refine(chosen, count=options.alternatives)
@@ -537,18 +533,6 @@ def inspect(model: ModelLike, input_shapes: list[str] | dict | None = None, sear
     return chain_tables(analyse_chain(canonical, shapes, search_space=search_space))
 
 
-def _build(model: onnx.ModelProto, analysis: ChainAnalysis, plan: Plan, options: dict,
-           refit: set[tuple[int, int]], scorer: ImportanceScorer) -> onnx.ModelProto:
-    choices = [SegmentChoice(c.start, c.end, options[(c.start, c.end, c.option)]) for c in plan.choices]
-    overrides = {}
-    for choice in choices:
-        if (choice.start, choice.end) in refit:
-            fitted = scorer.refit_params(choice)
-            if fitted is not None:
-                overrides[(choice.start, choice.end)] = fitted
-    return apply_segments(model, analysis, choices, overrides=overrides)
-
-
 def plan_details(plan: Plan, options: dict) -> list[dict]:
     """The plan in LayerMerge's terms: kept activations (segment ends) and the convs each segment keeps."""
     return [{"segment": [c.start, c.end], "option": c.option, "activation_kept_at": c.end,
@@ -561,15 +545,15 @@ def write_plan(path: Path, plan: Plan, refit: set[tuple[int, int]], options: dic
                path)
 
 
-def read_plan(path: Path, options: dict) -> tuple[Plan, set[tuple[int, int]]]:
-    """A saved plan, checked against this model's segments (a plan from another model is refused)."""
+def read_plan(path: Path, options: dict) -> Plan:
+    """A saved plan, checked against this model's segments (a plan from another model is refused). Its
+    ``refit`` list is a record for the reader: the weights are refitted again (:meth:`refine`)."""
     try:
         data = json.loads(path.read_text())
         plan = Plan.from_dict(data["plan"])
-        refit = {tuple(pair) for pair in data.get("refit", [])}
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise BadInputError(f"cannot read plan {path}: {first_line(exc)}") from None
     unknown = [(c.start, c.end, c.option) for c in plan.choices if (c.start, c.end, c.option) not in options]
     if unknown:
         raise BadInputError(f"plan {path} does not fit this model: no segment/option {unknown[0]}")
-    return plan, refit
+    return plan

@@ -506,7 +506,10 @@ class ImportanceScorer:
 
     # -- activations --------------------------------------------------------------------------------------
 
-    def _target_tensor(self, start: int, end: int) -> str:
+    def target_tensor(self, start: int, end: int) -> str:
+        """The tensor segment (start, end] must reproduce: the residual Add's output when the segment absorbs the
+        skip ending at ``end``, else conv ``end``'s output. :func:`apply_segments` makes the merged conv produce
+        this very name, so it names the same value in the original and in any student."""
         absorbed = next((s for s in self.analysis.skips if s.target == end and s.source >= start), None)
         if absorbed is not None:
             node = next(n for n in self.model.graph.node if n.name == absorbed.add_node)
@@ -532,7 +535,7 @@ class ImportanceScorer:
         """(segment input, {end: segment target}) on the first :meth:`fit_images` fit inputs, from the graph
         inputs (what the final build's refit reads; :meth:`table` walks them instead)."""
         position = self.analysis.positions[start].tensor
-        targets = {end: self._target_tensor(start, end) for end in ends}
+        targets = {end: self.target_tensor(start, end) for end in ends}
         names = list(dict.fromkeys([position, *targets.values()]))
         values = self._prefix(names, self.fit_inputs.rows(slice(0, self.fit_images(start))))
         return values[position], {end: values[target] for end, target in targets.items()}
@@ -700,7 +703,7 @@ class ImportanceScorer:
         """:meth:`fit_activations` from the fit frontier walked to ``start``: only the segments' span is run."""
         values = fit.at(start, self.fit_images(start))
         position = self.analysis.positions[start].tensor
-        targets = {end: self._target_tensor(start, end) for end in ends}
+        targets = {end: self.target_tensor(start, end) for end in ends}
         names = list(dict.fromkeys([position, *targets.values()]))
         found = self._step(values, fit.rows, names)
         if found is None:

@@ -32,11 +32,11 @@ import onnx
 from onnxmerge.conv_algebra import ConvParams
 from onnxmerge.dataset import run_batched
 from onnxmerge.errors import BadInputError
-from onnxmerge.graph import export_graph, import_graph
+from onnxmerge.graph import import_graph
 from onnxmerge.layermerge.build import SegmentChoice, apply_segments, merged_conv
 from onnxmerge.layermerge.dp import Choice, Plan, join_tables, solve
 from onnxmerge.layermerge.importance import (MAX_REFIT_UNKNOWNS, fidelity, is_original, option_key, refit,
-                                             refit_unknowns, with_outputs)
+                                             refit_unknowns, span_model)
 from onnxmerge.runner import make_session
 
 Key = tuple[int, int, Hashable]
@@ -108,10 +108,9 @@ def alternative_plans(choices: list[Choice], length: int, budget_ms: float, best
 
 
 def problem_choices(problem) -> list[Choice]:
-    """The DP's rows for a measured :class:`~onnxmerge.layermerge.api.CompressionProblem`, joined exactly as
-    :meth:`solve_for` joins them."""
-    return join_tables({key: value for key, value in problem.latency.items() if key not in problem.skipped_entries},
-                       {key: entry.score for key, entry in problem.importance.items()})
+    """The DP's rows for a measured :class:`~onnxmerge.layermerge.api.CompressionProblem` (both tables already
+    leave out its skipped entries), joined on their keys: what :meth:`solve_for` and :func:`rerank` solve."""
+    return join_tables(problem.latency, {key: entry.score for key, entry in problem.importance.items()})
 
 
 def original_keys(problem) -> set[Key]:
@@ -125,13 +124,18 @@ def _segments(problem, plan: Plan) -> list[SegmentChoice]:
 
 def build(problem, plan: Plan, overrides: Overrides | None = None) -> onnx.ModelProto:
     """The compressed network: ``plan`` merged, with ``overrides`` as the merged convs they name (the rest
-    composed), exactly as :func:`api._build` does with its refit set."""
+    composed)."""
     return apply_segments(problem.canonical, problem.analysis, _segments(problem, plan), overrides=overrides or None)
 
 
 def _run(problem, model: onnx.ModelProto, data, outputs: list[str] | None = None) -> list[np.ndarray]:
     return run_batched(make_session(model, threads=problem.settings.threads), data, problem.canonical,
                        outputs=outputs)
+
+
+def _prefix(model: onnx.ModelProto, names: list[str], data) -> onnx.ModelProto:
+    """The part of ``model`` that computes ``names`` from its inputs (:func:`importance.span_model`)."""
+    return span_model(model, dict(data.arrays), names)
 
 
 def joint_fidelity(problem, model: onnx.ModelProto) -> tuple[float, float | None]:
@@ -160,27 +164,6 @@ def independent_refit(problem, plan: Plan) -> Overrides:
             if fitted is not None:
                 overrides[(c.start, c.end)] = fitted
     return overrides
-
-
-def target_tensor(problem, start: int, end: int) -> str:
-    """The tensor segment (start, end] must reproduce: the residual Add's output when the segment absorbs the
-    skip ending at ``end``, else conv ``end``'s output (the rule of the importance table's refit targets).
-    :func:`apply_segments` makes the merged conv produce this very tensor name, so it names the same value in
-    the original and in any student."""
-    analysis = problem.analysis
-    absorbed = next((s for s in analysis.skips if s.target == end and s.source >= start), None)
-    node = absorbed.add_node if absorbed is not None else analysis.convs[end].node
-    return next(n for n in problem.canonical.graph.node if n.name == node).output[0]
-
-
-def prefix_model(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
-    """The part of ``model`` that computes ``names`` (its only outputs): the nodes after them are not run."""
-    extended = with_outputs(model, names)
-    graph = import_graph(extended)
-    tensors = graph.tensors()
-    graph.outputs = [tensors[name] for name in names]
-    graph.cleanup(remove_unused_graph_inputs=False)
-    return export_graph(graph, extended)
 
 
 @dataclass
@@ -222,7 +205,7 @@ def sequential_refit(problem, plan: Plan, *, check_held_out: bool = False, cache
     the same fit images. That target is what the rest of the original network expects, so each refit also
     undoes what the segments before it distorted; the independent refit of the importance table cannot, since
     it only ever saw the original's inputs. Names line up: apply_segments keeps the start tensor as the merged
-    conv's input and the segment's output tensor (:func:`target_tensor`).
+    conv's input and the segment's output tensor (:meth:`ImportanceScorer.target_tensor`).
 
     A segment whose refit has more unknowns than :data:`importance.MAX_REFIT_UNKNOWNS` (or is not 2-D) keeps
     its composed conv. With ``check_held_out`` a refit is also dropped where the partial student (segments up to
@@ -250,7 +233,7 @@ def sequential_refit(problem, plan: Plan, *, check_held_out: bool = False, cache
         report.seconds = time.perf_counter() - began
         return report
 
-    targets_by_segment = {(c.start, c.end): target_tensor(problem, c.start, c.end) for c in chosen}
+    targets_by_segment = {(c.start, c.end): scorer.target_tensor(c.start, c.end) for c in chosen}
     counts = {c.start: scorer.fit_images(c.start) for c in chosen}
     names = list(dict.fromkeys(targets_by_segment.values()))
     fit = problem.calibration.fit
@@ -259,7 +242,7 @@ def sequential_refit(problem, plan: Plan, *, check_held_out: bool = False, cache
     need = max(counts.values())
     missing = [name for name in names if name not in original or len(original[name]) < need]
     if missing:
-        original.update(zip(missing, _run(problem, prefix_model(problem.canonical, missing), fit.rows(slice(0, need)))))
+        original.update(zip(missing, _run(problem, _prefix(problem.canonical, missing, fit), fit.rows(slice(0, need)))))
     fits = cache.setdefault("fits", {})
     report.target_seconds = time.perf_counter() - began
 
@@ -282,7 +265,7 @@ def sequential_refit(problem, plan: Plan, *, check_held_out: bool = False, cache
         if why is None:
             tensor = analysis.positions[choice.start].tensor
             student = apply_segments(problem.canonical, analysis, done, overrides=report.overrides or None)
-            inputs = _run(problem, prefix_model(student, [tensor]), fit.rows(slice(0, images)))[0]
+            inputs = _run(problem, _prefix(student, [tensor], fit), fit.rows(slice(0, images)))[0]
             fitted = refit(composed, inputs, original[targets_by_segment[span]][:images])
             why = None if fitted is not None else "geometry"
         refit_score = composed_score = None

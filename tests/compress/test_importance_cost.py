@@ -147,7 +147,7 @@ def test_dominated_entries_are_never_scored_and_every_plan_is_unchanged(chain, m
             _best_by_brute_force(latency, full_scores, problem.length, budget), rel=1e-9, abs=1e-12)
 
     halfway = (fastest + problem.table_original_ms) / 2  # a target between the original and the fastest plan
-    plan, _, _, rounds = problem.solve_for(problem.original_ms * halfway / problem.table_original_ms)
+    plan, _, rounds = problem.solve_for(problem.original_ms * halfway / problem.table_original_ms)
     assert rounds and not set(_plan_keys(plan)) & expected
 
 
