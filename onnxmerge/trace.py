@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+import onnx
 
 from onnxmerge.errors import BadInputError, OnnxMergeError, first_line
 from onnxmerge.io import ModelLike, atomic_write_bytes, load_model
@@ -100,24 +101,33 @@ def profile_nodes(model: ModelLike, feeds: dict[str, np.ndarray], *, provider: s
     return _breakdown(events, costs, runs)
 
 
-def _costs_by_ort_name(proto, input_shapes: dict) -> dict[str, dict]:
-    """Static costs keyed by every name ORT may give a node.
+def ort_conv_names(proto: onnx.ModelProto) -> dict[str, str]:
+    """Every name ORT's profile may give a Conv's kernel, mapped to the Conv's node name.
 
-    At ENABLE_ALL on x86, ORT renames a Conv after the tensor it writes plus ``_nchwc``; when it fused
-    an activation or a residual Add into the Conv, that tensor is the fused op's output. Such names are
-    traced back to the Conv, so its MACs still attach.
+    At ENABLE_ALL on x86, ORT renames a Conv after the tensor it writes plus ``_nchwc``; when it fused an
+    activation or a residual Add into the Conv, that tensor is the fused op's output. Such names are traced
+    back to the Conv. A Conv ORT left alone (or ran as FusedConv) keeps its own name.
     """
-    costs = node_costs(proto, input_shapes)
     names = [node.name or f"{node.op_type}_{index}" for index, node in enumerate(proto.graph.node)]
     producers = {output: (node, name) for node, name in zip(proto.graph.node, names) for output in node.output}
-    by_ort_name = dict(costs)
+    found = {name: name for node, name in zip(proto.graph.node, names) if node.op_type == "Conv"}
     for tensor, (node, name) in producers.items():
         while node.op_type in _FUSED_INTO_CONV and node.input and node.input[0] in producers:
             upstream, upstream_name = producers[node.input[0]]
             if upstream.op_type not in ("Conv",) + tuple(_FUSED_INTO_CONV):
                 break
             node, name = upstream, upstream_name
-        by_ort_name.setdefault(tensor + _LAYOUT_SUFFIX, costs[name] if node.op_type == "Conv" else {})
+        if node.op_type == "Conv":
+            found.setdefault(tensor + _LAYOUT_SUFFIX, name)
+    return found
+
+
+def _costs_by_ort_name(proto, input_shapes: dict) -> dict[str, dict]:
+    """Static costs keyed by every name ORT may give a node (:func:`ort_conv_names` for Convs)."""
+    costs = node_costs(proto, input_shapes)
+    by_ort_name = dict(costs)
+    for ort_name, conv in ort_conv_names(proto).items():
+        by_ort_name.setdefault(ort_name, costs[conv])
     return by_ort_name
 
 

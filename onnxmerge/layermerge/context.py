@@ -28,12 +28,7 @@ from dataclasses import asdict, dataclass
 
 import onnx
 
-from onnxmerge.trace import NodeBreakdown
-
-# Ops ORT folds into the conv that feeds them; the fused kernel is named after the last one's output + "_nchwc".
-_FOLLOWERS = frozenset({"Relu", "Clip", "LeakyRelu", "Sigmoid", "HardSigmoid", "Tanh", "Add", "Mul"})
-_LAYOUT_SUFFIX = "_nchwc"
-
+from onnxmerge.trace import NodeBreakdown, ort_conv_names
 
 @dataclass(frozen=True)
 class LatencyModel:
@@ -59,43 +54,16 @@ class LatencyModel:
         return asdict(self) | {"scale": self.scale}
 
 
-def chain_kernel_names(model: onnx.ModelProto, conv_nodes: list[str]) -> dict[str, set[str]]:
-    """Every name ORT's profile may give each conv's kernel: the node's own name (kept by NCHW and FusedConv
-    kernels) and, for NCHWc kernels, ``<tensor>_nchwc`` where the tensor is the conv's output or that of an
-    op ORT fused into it (an activation, a residual Add, the Mul of x * sigmoid(x)), followed down the chain of
-    single readers."""
-    readers: dict[str, list[onnx.NodeProto]] = {}
-    for node in model.graph.node:
-        for name in node.input:
-            readers.setdefault(name, []).append(node)
-    by_name = {node.name: node for node in model.graph.node}
-    names: dict[str, set[str]] = {}
-    for conv in conv_nodes:
-        node = by_name.get(conv)
-        if node is None:
-            continue
-        found = {conv}
-        frontier = list(node.output)
-        for _ in range(4):  # conv -> activation (-> Mul) -> Add -> activation at most
-            next_frontier = []
-            for tensor in frontier:
-                found.add(tensor + _LAYOUT_SUFFIX)
-                for reader in readers.get(tensor, []):
-                    if reader.op_type in _FOLLOWERS:
-                        next_frontier.extend(reader.output)
-            frontier = next_frontier
-        names[conv] = found
-    return names
-
-
 def latency_model(original_ms: float, table_original: float, breakdown: NodeBreakdown | None,
                   model: onnx.ModelProto, conv_nodes: list[str]) -> LatencyModel:
     """The :class:`LatencyModel` of a network from its timed latency, the table's sum for it and a per-node
     profile (None: fall back, see the module docstring)."""
     fallback_reason = "no per-node profile"
     if breakdown is not None and breakdown.model_run_us > 0:
-        wanted = set().union(*chain_kernel_names(model, conv_nodes).values()) if conv_nodes else set()
-        chain_us = sum(row.mean_us for row in breakdown.nodes if row.name in wanted and "Conv" in row.op_type)
+        chain = set(conv_nodes)
+        conv_of = ort_conv_names(model)
+        chain_us = sum(row.mean_us for row in breakdown.nodes
+                       if conv_of.get(row.name) in chain and "Conv" in row.op_type)
         if chain_us > 0:
             share = min(1.0, chain_us / breakdown.model_run_us)
             return LatencyModel(original_ms, original_ms * (1.0 - share), table_original,

@@ -6,10 +6,10 @@ import pytest
 
 from onnxmerge.api import fold
 from onnxmerge.latency_table import ConvSignature, conv_model, kernel_time_ms, measure
-from onnxmerge.layermerge.context import LatencyModel, chain_kernel_names, latency_model
+from onnxmerge.layermerge.context import LatencyModel, latency_model
 from onnxmerge.layermerge.segments import analyse_chain
 from onnxmerge.runner import RuntimeSettings, input_specs, random_inputs
-from onnxmerge.trace import profile_nodes
+from onnxmerge.trace import ort_conv_names, profile_nodes
 
 from conftest import GraphBuilder
 
@@ -43,7 +43,10 @@ def test_the_profile_names_every_chain_conv_and_the_model_reproduces_the_origina
     model = fold(_net(), input_shapes=shapes).proto
     analysis = analyse_chain(model, shapes)
     breakdown = profile_nodes(model, random_inputs(input_specs(model, shapes), 0), runs=10)
-    names = chain_kernel_names(model, [c.node for c in analysis.convs])
+    names = {}
+    for ort_name, conv in ort_conv_names(model).items():
+        names.setdefault(conv, set()).add(ort_name)
+    names = {conv: names.get(conv, set()) for conv in (c.node for c in analysis.convs)}
     profiled = {row.name for row in breakdown.nodes if "Conv" in row.op_type}
     assert len(names) == len(analysis.convs) == 4
     assert all(candidates & profiled for candidates in names.values())  # each chain conv found in the profile
