@@ -492,9 +492,9 @@ class ImportanceScorer:
             values = self._prefix(frontier(self.model, self.analysis.positions[choice.start].tensor),
                                   self.eval_inputs)
             params = merged_conv(self.analysis, self._graph, choice.start, choice.end, choice.option.kept)
-            candidate = apply_segments(self.model, self.analysis, [choice],
+            candidate = apply_segments(suffix_model(self.model, values), self.analysis, [choice],
                                        overrides={(choice.start, choice.end): params})
-            losses.append(row_losses(self.reference, self._run(suffix_model(candidate, values), values), self.labels))
+            losses.append(row_losses(self.reference, self._run(candidate, values), self.labels))
         rows, reason = rows_for_noise(losses, available)
         return {"rows": rows, "of": available, "reason": reason}
 
@@ -574,16 +574,14 @@ class ImportanceScorer:
 
     def score(self, choice: SegmentChoice, frontier_values: dict, params: ConvParams | None = None,
               suffix: onnx.ModelProto | None = None) -> tuple[float, float | None]:
-        """Fidelity of the network with ``choice`` merged, run from ``frontier_values`` on. ``suffix`` (the
-        original after ``choice.start``, :func:`suffix_model` of the same frontier) lets every entry of a start
-        merge into that one cut instead of copying and cutting the whole network per entry: the segment's
-        nodes, its input tensor and everything after it are all in the suffix, so the result is the same graph."""
+        """Fidelity of the network with ``choice`` merged, run from ``frontier_values`` on. ``suffix`` is the
+        original after ``choice.start`` (:func:`suffix_model` of the same frontier; cut here when not given):
+        every entry of a start merges into that one cut instead of copying and cutting the whole network per
+        entry — the segment's nodes, its input tensor and everything after it are all in the suffix, so the
+        result is the same graph."""
+        suffix = suffix if suffix is not None else suffix_model(self.model, frontier_values)
         overrides = {(choice.start, choice.end): params} if params is not None else None
-        if suffix is not None:
-            candidate = apply_segments(suffix, self.analysis, [choice], overrides=overrides)
-        else:
-            candidate = suffix_model(apply_segments(self.model, self.analysis, [choice], overrides=overrides),
-                                     frontier_values)
+        candidate = apply_segments(suffix, self.analysis, [choice], overrides=overrides)
         reference, labels = self._scored_reference()
         return fidelity(reference, self._run(candidate, frontier_values), labels)
 

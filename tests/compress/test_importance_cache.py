@@ -10,7 +10,7 @@ import pytest
 
 from models.registry import DIGITS_SHAPE
 from onnxmerge.api import fold
-from onnxmerge.dataset import Dataset
+from onnxmerge.dataset import Dataset, run_batched
 from onnxmerge.layermerge import importance
 from onnxmerge.layermerge.build import SegmentChoice, apply_segments, merged_conv
 from onnxmerge.layermerge.importance import (ImportanceScorer, _Walk, frontier, option_key, rows_for_noise,
@@ -234,7 +234,11 @@ def test_merging_into_the_shared_suffix_equals_merging_into_the_whole_network(di
             continue
         frontier_values = scorer.held_out_frontier(start)
         shared = scorer.score(choice, frontier_values, suffix=suffix_model(canonical, frontier_values))
-        whole = scorer.score(choice, frontier_values)
+        # The whole network merged, then cut after the start (what scoring did before the shared cut).
+        cut = suffix_model(apply_segments(canonical, analysis, [choice]), frontier_values)
+        reference, labels = scorer._scored_reference()
+        outputs = run_batched(make_session(cut), frontier_values, canonical)
+        whole = importance.fidelity(reference, outputs, labels)
         assert shared == pytest.approx(whole, rel=1e-6, abs=1e-9), (start, end, option)
         checked += 1
     assert checked >= 2
