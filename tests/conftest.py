@@ -44,6 +44,14 @@ class GraphBuilder:
             inputs.append(self.const(self.rng.standard_normal(c_out).astype(np.float32)))
         return self.node("Conv", inputs, group=groups, **attrs)
 
+    def relu_chain(self, x: str, convs: int, channels: int) -> str:
+        """``convs`` same-width 3x3 convs with a Relu between each two (none after the last)."""
+        for i in range(convs):
+            x = self.conv(x, channels, channels, pads=[1, 1, 1, 1])
+            if i < convs - 1:
+                x = self.node("Relu", [x])
+        return x
+
     def batchnorm(self, x: str, channels: int, epsilon: float = 1e-5) -> str:
         rng = self.rng
         stats = [rng.uniform(0.5, 1.5, channels), rng.standard_normal(channels), rng.standard_normal(channels),

@@ -17,12 +17,7 @@ from onnxmerge.runner import RuntimeSettings
 def _chain(names: str) -> onnx.ModelProto:
     """Conv-Relu-Conv-Relu-Conv-Relu-Conv with every node unnamed, or all named "n"."""
     g = GraphBuilder((1, 4, 8, 8))
-    x = "x"
-    for i in range(4):
-        x = g.conv(x, 4, 4, pads=[1, 1, 1, 1])
-        if i < 3:
-            x = g.node("Relu", [x])
-    model = g.build(g.node("GlobalAveragePool", [x]))
+    model = g.build(g.node("GlobalAveragePool", [g.relu_chain("x", 4, 4)]))
     for node in model.graph.node:
         node.name = "" if names == "unnamed" else "n"
     return model

@@ -149,12 +149,7 @@ def test_resize_sizes_with_the_batch_follow_the_running_batch():
 
 def _celu_chain() -> onnx.ModelProto:
     g = GraphBuilder((1, 4, 8, 8))
-    x = "x"
-    for i in range(4):
-        x = g.conv(x, 4, 4, pads=[1, 1, 1, 1])
-        if i < 3:
-            x = g.node("Relu", [x])
-    return g.build(g.node("GlobalAveragePool", [g.node("Celu", [x])]))
+    return g.build(g.node("GlobalAveragePool", [g.node("Celu", [g.relu_chain("x", 4, 4)])]))
 
 
 @pytest.fixture
