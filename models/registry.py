@@ -7,6 +7,7 @@ from functools import partial
 import torch
 from torch import nn
 
+from .fpn import FPN
 from .mobilenet import MobileNetV2, mobilenet_v2
 from .repvgg import repvgg_a0, repvgg_tiny
 from .resnet import BasicBlock, ResNet, resnet18, resnet34, resnet50
@@ -46,6 +47,7 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "repvgg": repvgg_a0,
     "repvgg_tiny": repvgg_tiny,
     "unet": UNet,
+    "fpn": FPN,
     "digits_resnet": digits_resnet,
     "digits_mobilenet": digits_mobilenet,
 }
@@ -54,6 +56,7 @@ INPUT_SHAPES: dict[str, tuple[int, ...]] = {
     **{name: (1, 3, 224, 224) for name in MODELS},
     "repvgg_tiny": (1, 3, 32, 32),
     "unet": (1, 3, 64, 64),
+    "fpn": (1, 3, 64, 64),
     "digits_resnet": DIGITS_SHAPE,
     "digits_mobilenet": DIGITS_SHAPE,
 }

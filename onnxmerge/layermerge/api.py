@@ -176,7 +176,8 @@ class CompressionProblem:
         self.skipped_entries = {key: latency[key] for key in sorted(skipped)}
         self.latency = {key: value for key, value in latency.items() if key not in skipped}
         self.latency_model = latency_model(self.original_ms, self.table_original_ms, self.breakdown, self.canonical,
-                                           [conv.node for conv in self.analysis.convs])
+                                           [conv.node for conv in self.analysis.convs
+                                            if conv.index not in self.analysis.chain_starts])
         entries = [(s, e, self.options[(s, e, k)]) for (s, e, k) in self.options if (s, e, k) not in skipped]
         with reporter.phase("importance table", total=len(entries)) as advance:
             settled = [0]
@@ -205,7 +206,7 @@ class CompressionProblem:
         choices = plans.problem_choices(self)
         model = self.latency_model
         # The exact minimum is a rational sum; its float can round below it, which the DP would refuse.
-        fastest = math.nextafter(minimum_latency(choices, self.length), math.inf)
+        fastest = math.nextafter(minimum_latency(choices, self.length, links=self.analysis.links), math.inf)
         budget = model.budget(target_ms)
         if budget < fastest and model.predict(fastest) > target_ms * UNREACHABLE_MARGIN:
             reachable = model.predict(fastest)
@@ -215,7 +216,7 @@ class CompressionProblem:
         built: dict = {}
 
         def solve_at(units: float) -> Candidate:
-            plan = solve(choices, self.length, units)
+            plan = solve(choices, self.length, units, links=self.analysis.links)
             key = tuple((c.start, c.end, c.option) for c in plan.choices)
             return Candidate(key, plan.importance, plan.latency_ms, plan)
 

@@ -8,7 +8,8 @@ relative to the convs it replaces than it is, so the DP favoured merges that did
 
 The part of the network the table does not cover (pooling, the head, layout conversions at the chain's ends,
 ORT's per-run overhead) is read from a per-node profile of the original network: the chain convs' share of a
-profiled run is the covered part, the rest is ``uncovered``. End to end, a plan whose table sum is ``t`` is
+profiled run is the covered part (every chain conv but the chains' stems, which no entry prices), the rest is
+``uncovered``. End to end, a plan whose table sum is ``t`` is
 predicted to run at
 
     predict(t) = uncovered_ms + scale * t,   scale = (original_ms - uncovered_ms) / table_original

@@ -5,6 +5,12 @@ realised with one of its kernel options. Both look-up tables are keyed by ``(sta
 joined on those keys: the reference code pairs the two tables' rows by position, which silently gives
 a segment the wrong score whenever the tables are ordered differently.
 
+A network of several chains (segments.ChainAnalysis.links) numbers their positions one after the other; at
+each link p the path steps from p to p + 1 at no cost and no importance (the next chain's stem stays as it
+is), so one DP over the concatenation is the per-chain DPs combined over one budget: the best path through
+chains A then B within budget T is max over t of best_A(t) + best_B(T - t), which is exactly what the
+(position, budget) table computes when it relaxes the link. Links never appear in a returned plan.
+
 The objective is the additive surrogate of the paper (sum of per-entry importances under a sum of
 per-entry latencies), solved exactly up to the latency rounding described in :func:`solve`.
 """
@@ -14,7 +20,7 @@ from __future__ import annotations
 import ast
 import math
 import numbers
-from collections.abc import Hashable, Iterable, Mapping
+from collections.abc import Collection, Hashable, Iterable, Mapping
 from dataclasses import dataclass
 from fractions import Fraction
 
@@ -139,20 +145,42 @@ def join_tables(latency: Mapping[tuple[int, int, Hashable], float],
     return sorted(choices, key=_chain_order)
 
 
-def _checked(choices: Iterable[Choice], length: int) -> list[Choice]:
+class _Link:
+    """The option of a link step (p, p + 1] between two chains: a sentinel no table can contain."""
+
+    def __repr__(self) -> str:
+        return "<link>"
+
+
+_LINK = _Link()
+
+
+def _checked(choices: Iterable[Choice], length: int, links: Collection[int] = ()) -> list[Choice]:
+    """The rows validated, with a free step at every link, in chain order."""
     length = _position(length, "chain length")
     if length < 1:
         raise BadInputError(f"chain length must be at least 1, got {length}")
-    checked, seen = [], set()
+    links = sorted({_position(p, "link position") for p in links})
+    if links and not (0 <= links[0] and links[-1] < length):
+        raise BadInputError(f"link positions must lie in 0..{length - 1}, got {links}")
+    checked, seen = [Choice(p, p + 1, _LINK, 0.0, 0.0) for p in links], set()
     for c in choices:
         c = _checked_choice(c.start, c.end, c.option, c.latency_ms, c.importance)
         if c.end > length:
             raise BadInputError(f"segment {(c.start, c.end, c.option)!r} ends past the chain length {length}")
         if (c.start, c.end, c.option) in seen:
             raise BadInputError(f"segment {(c.start, c.end, c.option)!r} is listed twice")
+        crossed = next((p for p in links if c.start <= p < c.end), None)
+        if crossed is not None:
+            raise BadInputError(f"segment {(c.start, c.end, c.option)!r} spans the link at position {crossed}, where "
+                                "one chain ends and the next begins")
         seen.add((c.start, c.end, c.option))
         checked.append(c)
     return sorted(checked, key=_chain_order)
+
+
+def _without_links(path: list[Choice]) -> list[Choice]:
+    return [c for c in path if c.option is not _LINK]
 
 
 def _fastest(choices: list[Choice], length: int) -> tuple[list[Choice], Fraction]:
@@ -174,12 +202,12 @@ def _fastest(choices: list[Choice], length: int) -> tuple[list[Choice], Fraction
     while position:
         path.append(best[position][2])
         position = path[-1].start
-    return path[::-1], best[length][0]
+    return _without_links(path[::-1]), best[length][0]
 
 
-def minimum_latency(choices: list[Choice], length: int) -> float:
-    """Latency of the fastest plan covering 0..length, exact (correctly rounded), in ms."""
-    return float(_fastest(_checked(choices, length), length)[1])
+def minimum_latency(choices: list[Choice], length: int, *, links: Collection[int] = ()) -> float:
+    """Latency of the fastest plan covering 0..length (free steps at ``links``), exact (correctly rounded), in ms."""
+    return float(_fastest(_checked(choices, length, links), length)[1])
 
 
 def _distinct(a: float, b: float) -> tuple[str, str]:
@@ -191,8 +219,12 @@ def _distinct(a: float, b: float) -> tuple[str, str]:
     return sa, sb
 
 
-def solve(choices: list[Choice], length: int, budget_ms: float, *, resolution_ms: float | None = None) -> Plan:
+def solve(choices: list[Choice], length: int, budget_ms: float, *, resolution_ms: float | None = None,
+          links: Collection[int] = ()) -> Plan:
     """The plan of highest total importance whose latency fits ``budget_ms``.
+
+    ``links`` are the positions where one chain ends and the next begins (see the module docstring): the path
+    steps over each for free, and no choice may span one.
 
     The DP runs over (position, budget units). The unit is ``budget_ms / round(budget_ms / resolution_ms)``,
     i.e. the requested resolution nudged so that the budget is a whole number of units; the default
@@ -210,7 +242,7 @@ def solve(choices: list[Choice], length: int, budget_ms: float, *, resolution_ms
     Raises ``BadInputError`` when the budget is below the fastest plan (naming its latency), when no path
     covers 0..length (naming the position where coverage ends), or on non-finite numbers.
     """
-    choices = _checked(choices, length)
+    choices = _checked(choices, length, links)
     budget = _number(budget_ms, "budget_ms")
     fastest, minimum = _fastest(choices, length)
     if Fraction(budget) < minimum:
@@ -231,7 +263,8 @@ def solve(choices: list[Choice], length: int, budget_ms: float, *, resolution_ms
     units = max(1, round(ratio))
     unit = Fraction(budget) / units
     costs = [math.ceil(Fraction(c.latency_ms) / unit) for c in choices]
-    path = _knapsack(choices, costs, length, units) or fastest
+    path = _knapsack(choices, costs, length, units)
+    path = fastest if path is None else _without_links(path)
     return Plan(path, math.fsum(c.latency_ms for c in path), math.fsum(c.importance for c in path), budget,
                 float(unit))
 

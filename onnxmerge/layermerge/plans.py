@@ -61,7 +61,7 @@ def _dp_order(plan: Plan):
 
 def alternative_plans(choices: list[Choice], length: int, budget_ms: float, best: Plan, count: int, *,
                       fixed: Collection[Key] = frozenset(), depth: int = 1,
-                      resolution_ms: float | None = None) -> list[Plan]:
+                      resolution_ms: float | None = None, links: Collection[int] = ()) -> list[Plan]:
     """``best`` followed by distinct near-optimal plans, in DP-objective order, at most ``count`` in all.
 
     The alternatives are leave-one-out re-solves: for each entry of ``best`` not in ``fixed`` (pass the original,
@@ -71,7 +71,7 @@ def alternative_plans(choices: list[Choice], length: int, budget_ms: float, best
     merged segments. Each re-solve is :func:`dp.solve` at ``budget_ms`` and ``resolution_ms`` (pass the
     budget ``best`` was solved at, ``best.budget_ms``, as :meth:`CompressionProblem.solve_for` solves), so every
     plan fits the budget in true latency; a removal that leaves no plan within the budget (or a gap in the
-    chain) yields nothing.
+    chain) yields nothing. ``links`` are the chains' links (:func:`dp.solve`).
 
     Why these: a plan that merged segment s badly in composition is most likely replaced by the next best way to
     cover s, which is exactly the optimum without that entry; the DP objective ranks the candidates so the
@@ -97,7 +97,7 @@ def alternative_plans(choices: list[Choice], length: int, budget_ms: float, best
                 tried.add(without)
                 try:
                     alternative = solve([c for c in choices if _key(c) not in without], length, budget_ms,
-                                        resolution_ms=resolution_ms)
+                                        resolution_ms=resolution_ms, links=links)
                 except BadInputError:  # nothing within the budget, or the chain cannot be covered without it
                     continue
                 following.append((without, alternative))
@@ -362,7 +362,8 @@ def rerank(problem, choices: list[Choice], length: int, budget_ms: float, best: 
     began = time.perf_counter()
     if mode not in REFIT_MODES:
         raise BadInputError(f"refit mode must be one of {', '.join(REFIT_MODES)}, got {mode!r}")
-    plans = alternative_plans(choices, length, budget_ms, best, count, fixed=original_keys(problem), depth=depth)
+    plans = alternative_plans(choices, length, budget_ms, best, count, fixed=original_keys(problem), depth=depth,
+                              links=problem.analysis.links)
     candidates, overrides, cache = [], [], {}
     for rank, plan in enumerate(plans):
         clock = time.perf_counter()

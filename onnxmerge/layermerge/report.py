@@ -70,14 +70,19 @@ def compress_tables(result) -> list[Table]:
 
 def chain_tables(analysis: ChainAnalysis) -> list[Table]:
     """What ``onnxmerge compress --inspect`` shows: the chain, the excluded convs and every segment's options."""
-    chain = Table(title=f"conv chain: positions 0..{len(analysis.convs) - 1}")
-    for column in ("#", "conv", "kernel", "in -> out", "reducible", "activation", "skips", "break"):
+    count = len(analysis.chain_starts)
+    chain = Table(title=f"conv chain{'s' if count > 1 else ''}: positions 0..{len(analysis.convs) - 1}",
+                  caption=None if count == 1 else
+                  f"{count} chains, starting at convs {', '.join(map(str, analysis.chain_starts))} (each start is "
+                  "its chain's stem; the DP steps from one chain's end to the next chain's stem)")
+    for column in ("chain", "#", "conv", "kernel", "in -> out", "reducible", "activation", "skips", "break"):
         chain.add_column(column, overflow="fold")
     for conv, position in zip(analysis.convs, analysis.positions):
         skips = [f"{s.source}->{s.target} ({'projection' if s.projection else 'identity'})"
                  for s in analysis.skips if conv.index in (s.source, s.target)]
         shapes = f"{_dims(conv.input_shape[1:])} -> {_dims(conv.output_shape[1:])}"
-        chain.add_row(str(conv.index), conv.node, _describe_kernel(conv.params), shapes,
+        which = sum(start <= conv.index for start in analysis.chain_starts) - 1
+        chain.add_row(str(which), str(conv.index), conv.node, _describe_kernel(conv.params), shapes,
                       "yes" if conv.reducible else "",
                       position.activation_value.name if position.activation_value else "linear", ", ".join(skips),
                       analysis.breaks.get(conv.index, ""))

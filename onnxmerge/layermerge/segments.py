@@ -6,6 +6,12 @@ walk has to choose what the hand-written model classes fixed, the conventions ar
 
 - the chain is the longest path of mergeable convs through the graph; convs off it are ``excluded``
   (1x1 projection shortcuts of residual Adds, parallel branches, unsupported convs);
+- more than one chain: the longest path through the mergeable convs no earlier chain took is a further chain
+  (an FPN's lateral and top-down convs, a detector's heads, the other branch of a two-branch net), kept when
+  one of its segments merges two or more convs. Chains are numbered one after the other (``chain_starts``);
+  no segment spans two, and the DP steps from one chain's last position to the next chain's first for free
+  (``ChainAnalysis.links``), which is per-chain DPs combined over one budget (:func:`dp.solve`). Each chain
+  is its own chain in every rule below: its first conv is its stem, its last pointwise conv may be its head;
 - position 0 is after the stem (conv 0), which no segment contains;
 - a final pointwise conv that no skip closes at (MobileNetV2's 320->1280 conv, a segmentation 1x1
   classifier) is the head conv and is kept aside like the stem, as LayerMerge keeps MobileNetV2's last
@@ -34,7 +40,7 @@ import math
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from functools import reduce
+from functools import partial, reduce
 
 import numpy as np
 import onnx
@@ -123,6 +129,13 @@ class ChainAnalysis:
     breaks: dict[int, str]  # position -> why no segment may contain it strictly inside
     segments: list[Segment]
     excluded: dict[str, str]  # Conv node -> why it is not on the chain
+    chain_starts: tuple[int, ...] = (0,)  # index of each chain's first conv (its stem), in increasing order
+
+    @property
+    def links(self) -> tuple[int, ...]:
+        """Positions p where a chain ends and the next begins: the DP steps from p to p + 1 for free, keeping
+        the next chain's stem (:func:`dp.solve`'s ``links``)."""
+        return tuple(start - 1 for start in self.chain_starts[1:])
 
     @property
     def entries(self) -> int:
@@ -154,53 +167,104 @@ def analyse_chain(model: onnx.ModelProto, input_shapes: Mapping[str | None, Sequ
             (usable if isinstance(checked, ConvParams) else unusable)[id(node)] = checked
     residuals = _residual_candidates(graph, flow, usable)
     projections = {id(r.projection) for r in residuals.values() if r.projection is not None}
-    path = flow.longest_path(lambda node: id(node) in usable and id(node) not in projections)
-
-    reader_index = {conv.inputs[0].name: index for index, conv in enumerate(path)}
-    slots = [_slot(graph, conv, index, residuals, reader_index) for index, conv in enumerate(path)]
     excluded = {node.name: reason for node in graph.nodes if (reason := unusable.get(id(node)))}
-    if len(path) > 2 and slots[-1].skip is None and all(k == 1 for k in usable[id(path[-1])].kernel_shape):
-        excluded[path.pop().name] = ("head conv: a final pointwise conv that no skip closes at, kept aside like "
-                                     "the stem (LayerMerge keeps MobileNetV2's last 1x1 conv out of its DP)")
-        slots.pop()
-    if len(path) < 2:
-        raise BadInputError(f"the model has no chain of convolutions to compress: {len(path)} mergeable Conv "
-                            "node(s) on its longest conv path, at least 2 are needed")
+    paths = _chain_paths(graph, flow, usable, projections, residuals, excluded)  # adds head convs to excluded
 
-    convs = [_chain_conv(index, node, usable[id(node)], shapes) for index, node in enumerate(path)]
+    def off_chain(chains: list[list[gs.Node]], skips: list[Skip]) -> dict[str, str]:
+        on_chain = {node.name for path in chains for node in path}
+        return excluded | {node.name: _off_chain_reason(node, skips) for node in graph.nodes
+                           if id(node) in usable and node.name not in on_chain and node.name not in excluded}
+
+    bases = [sum(map(len, paths[:index])) for index in range(len(paths))]
+    build = partial(_chain_part, graph, usable=usable, residuals=residuals, shapes=shapes, extended=extended,
+                    drop_blocks=drop_blocks,
+                    excluded=off_chain(paths, [slot.skip for path, base in zip(paths, bases)
+                                               for slot in _slots(graph, path, base, residuals) if slot.skip]))
+    # The first chain is always kept; a further one only if some segment of it merges two or more convs.
+    parts, kept = [build(paths[0], 0)], [paths[0]]
+    for path in paths[1:]:
+        if any(s.end - s.start > 1 for s in build(path, 0).segments):
+            parts.append(build(path, parts[-1].convs[-1].index + 1))
+            kept.append(path)
+        else:
+            excluded.update({node.name: "on a branch parallel to the chain: as a chain of its own it has nothing to "
+                                        "merge (a break at every position)" for node in path})
+
+    def joined(name: str) -> list:
+        return [item for part in parts for item in getattr(part, name)]
+
+    analysis = ChainAnalysis(joined("convs"), joined("positions"), joined("skips"),
+                             {k: v for part in parts for k, v in part.breaks.items()}, joined("segments"),
+                             off_chain(kept, joined("skips")), tuple(part.convs[0].index for part in parts))
+    _check_names(graph, analysis)
+    return analysis
+
+
+def _chain_paths(graph: gs.Graph, flow: "_DataFlow", usable: dict, projections: set[int],
+                 residuals: dict[str, "_Residual"], excluded: dict[str, str]) -> list[list[gs.Node]]:
+    """The chains' conv paths, longest first: the longest path of mergeable convs, then again and again the
+    longest path through the convs no earlier chain took, while it has at least two convs. A final pointwise
+    conv that no skip closes at comes off each (the head conv, into ``excluded``)."""
+    taken: set[int] = set()
+    paths = []
+    while True:
+        path = flow.longest_path(lambda node: id(node) in usable and id(node) not in projections
+                                 and id(node) not in taken)
+        taken |= {id(node) for node in path}
+        slots = _slots(graph, path, 0, residuals)
+        if len(path) > 2 and slots[-1].skip is None and all(k == 1 for k in usable[id(path[-1])].kernel_shape):
+            excluded[path.pop().name] = ("head conv: a final pointwise conv that no skip closes at, kept aside like "
+                                         "the stem (LayerMerge keeps MobileNetV2's last 1x1 conv out of its DP)")
+        if len(path) < 2:
+            if not paths:
+                raise BadInputError(f"the model has no chain of convolutions to compress: {len(path)} mergeable "
+                                    "Conv node(s) on its longest conv path, at least 2 are needed")
+            return paths
+        paths.append(path)
+
+
+@dataclass(frozen=True)
+class _ChainPart:
+    convs: list[ChainConv]
+    positions: list[Position]
+    skips: list[Skip]
+    breaks: dict[int, str]
+    segments: list[Segment]
+
+
+def _chain_part(graph: gs.Graph, path: list[gs.Node], base: int, *, usable: dict, residuals: dict,
+                shapes: dict, excluded: dict[str, str], extended: bool, drop_blocks: bool) -> _ChainPart:
+    """One chain's convs, positions, skips, breaks and segments, its convs numbered from ``base``."""
+    slots = _slots(graph, path, base, residuals)
+    convs = [_chain_conv(base + index, node, usable[id(node)], shapes) for index, node in enumerate(path)]
     skips = [slot.skip for slot in slots if slot.skip is not None]
-    on_chain = {node.name for node in path}
-    for node in graph.nodes:
-        if id(node) in usable and node.name not in on_chain and node.name not in excluded:
-            excluded[node.name] = _off_chain_reason(node, skips)
-    breaks = _breaks(graph, path, slots, skips, excluded)
+    breaks = _breaks(graph, path, slots, base, excluded)
     if not extended:
         _add_stride_breaks(convs, breaks)
-    positions = [Position(index, _position_tensor(path, slots, index),
+    positions = [Position(base + index, _position_tensor(path, slots, index),
                           slot.activation.kind if slot.activation else None,
                           tuple(node.name for node in slot.activation_nodes), slot.activation)
                  for index, slot in enumerate(slots)]
     projection_groups = {(s.source, s.target): usable[id(node)].groups for node in graph.nodes
                          for s in skips if s.projection == node.name}
     segments = []
-    for i, j in _valid_segments(len(convs) - 1, breaks, [(s.source, s.target) for s in skips]):
+    for i, j in _valid_segments(base, base + len(convs) - 1, breaks, [(s.source, s.target) for s in skips]):
         nested = [g for (s, t), g in projection_groups.items() if i <= s and t <= j]
-        droppable = (drop_blocks and convs[i + 1].input_shape == convs[j].output_shape
+        members = convs[i + 1 - base:j + 1 - base]
+        droppable = (drop_blocks and members[0].input_shape == members[-1].output_shape
                      and any((s.source, s.target) == (i, j) and s.projection is None for s in skips))
-        options = _kernel_options(convs[i + 1:j + 1], nested, droppable)
+        options = _kernel_options(members, nested, droppable)
         if options:  # empty only where a k>1 conv after a stride cannot be pruned (extended space)
             segments.append(Segment(i, j, options))
-    analysis = ChainAnalysis(convs, positions, skips, breaks, segments, excluded)
-    _check_names(graph, analysis)
-    return analysis
+    return _ChainPart(convs, positions, skips, breaks, segments)
 
 
-def _valid_segments(last: int, breaks, skips: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    """Segments (i, j] of positions 0..last: no break strictly inside, every skip nested, containing or apart.
+def _valid_segments(first: int, last: int, breaks, skips: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Segments (i, j] of positions first..last: no break strictly inside, every skip nested, containing or apart.
 
     This plain rule gives exactly the lists of LayerMerge's stateful ``valid_blks`` scan (layermerge.md §1.1).
     """
-    return [(i, j) for i in range(last) for j in range(i + 1, last + 1)
+    return [(i, j) for i in range(first, last) for j in range(i + 1, last + 1)
             if not any(i < b < j for b in breaks)
             and all((s <= i and j <= t) or (i <= s and t <= j) or j <= s or t <= i for s, t in skips)]
 
@@ -340,12 +404,18 @@ class _Slot:
     reasons: list[str]  # breaks found on the way
 
 
-def _slot(graph: gs.Graph, conv: gs.Node, index: int, residuals: dict[str, _Residual],
+def _slots(graph: gs.Graph, path: list[gs.Node], base: int, residuals: dict[str, _Residual]) -> list[_Slot]:
+    """The slots of a chain whose convs are numbered from ``base``."""
+    reader_index = {conv.inputs[0].name: base + index for index, conv in enumerate(path)}
+    return [_slot(graph, conv, base + index, base, residuals, reader_index) for index, conv in enumerate(path)]
+
+
+def _slot(graph: gs.Graph, conv: gs.Node, index: int, base: int, residuals: dict[str, _Residual],
           reader_index: dict[str, int]) -> _Slot:
     kind, nodes, value = _activation(graph, conv.outputs[0])
     residual = residuals.get(value.name)
-    source = reader_index.get(residual.fork.name, 0) - 1 if residual else -1
-    if not 0 <= source < index:
+    source = reader_index.get(residual.fork.name, base) - 1 if residual else base - 1
+    if not base <= source < index:
         return _Slot(kind, nodes, value, None, None, [])
     reasons = []
     if len(_readers(value)) > 1 or is_graph_output(graph, value):
@@ -376,10 +446,11 @@ def _position_tensor(path: list[gs.Node], slots: list[_Slot], index: int) -> str
 # --- breaks -------------------------------------------------------------------------------------------------
 
 
-def _breaks(graph: gs.Graph, path: list[gs.Node], slots: list[_Slot], skips: list[Skip],
+def _breaks(graph: gs.Graph, path: list[gs.Node], slots: list[_Slot], base: int,
             excluded: dict[str, str]) -> dict[int, str]:
     """Positions that a merged conv cannot run through: anything but the next chain conv (and the
-    shortcuts of recorded skips) reads them, or something other than them sits before the next conv."""
+    shortcuts of recorded skips) reads them, or something other than them sits before the next conv.
+    The chain's convs are numbered from ``base``."""
     shortcut_readers = {}
     for slot in slots:
         if slot.residual is not None:
@@ -391,9 +462,9 @@ def _breaks(graph: gs.Graph, path: list[gs.Node], slots: list[_Slot], skips: lis
         return f"{node.op} '{node.name}'" + (f" ({reason})" if reason else "")
 
     breaks = {}
-    for index, slot in enumerate(slots[:-1]):
-        reasons = list(slot.reasons)
-        value, following = slot.value, path[index + 1]
+    for local, slot in enumerate(slots[:-1]):
+        reasons, index = list(slot.reasons), base + local
+        value, following = slot.value, path[local + 1]
         if is_graph_output(graph, value):
             reasons.append("its value is a graph output")
         between = None
@@ -418,7 +489,7 @@ def _add_stride_breaks(convs: list[ChainConv], breaks: dict[int, str]) -> None:
         if max(following.params.kernel_shape) > 1:
             breaks[conv.index] = (f"conv {conv.index} has stride {stride} and conv {following.index} a "
                                   f"{_dims(following.params.kernel_shape)} kernel")
-        elif following.index < len(convs) - 1:
+        elif following is not convs[-1]:
             reason = f"conv {conv.index} has stride {stride}: only the pointwise conv {following.index} may join it"
             breaks[following.index] = "; ".join(filter(None, (breaks.get(following.index), reason)))
 
