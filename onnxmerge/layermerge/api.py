@@ -270,7 +270,7 @@ class CompressionProblem:
         return result.plan, student, result
 
     def recover(self, student: onnx.ModelProto, plan: Plan, options: CompressOptions,
-                data: Dataset | None = None, *, progress: bool = False):
+                data: Dataset | None = None, *, progress: bool | Reporter = False):
         """Distil the original into ``student`` (:func:`recover.distill`): logits KD plus feature maps matched at
         the kept positions (every segment end of ``plan``: the tensors both networks still compute), an online
         teacher on augmented batches, the best checkpoint by held-out agreement. It trains on ``data`` (a larger
@@ -431,7 +431,7 @@ def compress(model: ModelLike, output: str | Path | None = None, *, calibration:
 
         trained = None
         if options.recover:
-            trained = problem.recover(student, chosen, options, recover_data, progress=progress)
+            trained = problem.recover(student, chosen, options, recover_data, progress=reporter)
             student = trained.model
         clock("recover")
 

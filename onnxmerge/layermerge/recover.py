@@ -51,13 +51,12 @@ import numpy as np
 import onnx
 import torch
 import torch.nn.functional as F
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from onnxmerge.layermerge.torch_bridge import OnnxModule, write_back
 from onnxmerge.errors import BadInputError, VerificationError, first_line
 from onnxmerge.io import ModelLike, io_signature, load_model
 from onnxmerge.dataset import Dataset, load_dataset, run_batched
+from onnxmerge.progress import Reporter
 from onnxmerge.runner import make_session
 
 TEMPERATURE = 2.0
@@ -76,7 +75,6 @@ DEFAULT_BATCH = 16
 FEATURE_WEIGHT = 1.0
 LABEL_WEIGHT = 0.5
 EVALUATIONS = 10  # held-out evaluations per run when eval_every is not given (plus the untrained one)
-PROGRESS_LINES = 10  # plain progress lines per run when stderr is not a terminal
 FLIP_PROBABILITY = 0.5
 CROP_PROBABILITY = 0.5
 CROP_SCALE = (0.5, 1.0)  # area fraction of a random crop
@@ -127,7 +125,7 @@ class DistillResult:
 
 def distill(student: onnx.ModelProto, teacher: ModelLike, calibration: Dataset | dict[str, np.ndarray], *,
             steps: int = 300, lr: float = 1e-3, batch_size: int = DEFAULT_BATCH, seed: int = 0,
-            progress: bool = True, threads: int = 2, held_out: Dataset | dict[str, np.ndarray] | None = None,
+            progress: bool | Reporter = True, threads: int = 2, held_out: Dataset | dict[str, np.ndarray] | None = None,
             match: Sequence[str] = (), feature_weight: float = FEATURE_WEIGHT, augment: bool = True,
             labels: np.ndarray | None = None, label_weight: float = LABEL_WEIGHT,
             eval_every: int | None = None, trainable: Collection[str] | None = None) -> DistillResult:
@@ -142,7 +140,9 @@ def distill(student: onnx.ModelProto, teacher: ModelLike, calibration: Dataset |
     without them would hide it). ``labels``: one integer class per ``calibration`` row (the rows held out by
     the seeded split go unused), for a cross-entropy term on the one classifier output; labels inside a
     Dataset are not used unless passed here. ``eval_every``: steps between held-out evaluations (default:
-    about 10 per run). ``progress``: a bar on a terminal, else a plain line on stderr every tenth of the run.
+    about 10 per run). ``progress``: a :class:`~onnxmerge.progress.Reporter` (compress passes its own) or
+    whether to make one: a bar on a terminal, else a line on stderr every tenth of the run (or 30 s), each
+    with the latest loss and held-out agreement.
     ``trainable``: initializer names to train (default: every weight); the others stay frozen, which keeps a
     pretrained network's untouched layers exactly as they were while the changed ones learn.
 
@@ -194,7 +194,7 @@ def distill(student: onnx.ModelProto, teacher: ModelLike, calibration: Dataset |
                    steps=steps, lr=lr, batch_size=batch_size, seed=seed, augmented=augmented,
                    feature_weight=feature_weight, label_weight=label_weight,
                    eval_every=eval_every or max(1, math.ceil(steps / EVALUATIONS)))
-        run.train(progress)
+        run.train(progress if isinstance(progress, Reporter) else Reporter(enabled=progress))
         run.restore_best()
         trained = _predict(module, held, batch_size)
         written = write_back(student, module)
@@ -263,19 +263,13 @@ class _Run:
     def step_seconds(self) -> float:
         return self.train_seconds / len(self.losses) if self.losses else math.nan
 
-    def train(self, progress: bool) -> None:
+    def train(self, reporter: Reporter) -> None:
         """Evaluate the untrained student, then train ``steps`` steps, evaluating every ``eval_every`` and at
-        the end; Ctrl-C stops the loop with ``interrupted`` set (the best state so far is kept)."""
-        interactive = progress and sys.stderr.isatty()
-        every_line = max(1, math.ceil(self.steps / PROGRESS_LINES))
-        columns = (TextColumn("distilling"), BarColumn(), MofNCompleteColumn(),
-                   TextColumn("loss {task.fields[loss]}"), TextColumn("held-out {task.fields[score]}"),
-                   TimeElapsedColumn())
-        start = time.perf_counter()
+        the end, with ``reporter`` showing the loss and held-out agreement; Ctrl-C stops the loop with
+        ``interrupted`` set (the best state so far is kept)."""
         self.evaluate(0)  # before the loop: an interrupt needs a checkpoint to fall back on
         try:
-            with Progress(*columns, console=Console(stderr=True), disable=not interactive) as bar:
-                task = bar.add_task("distill", total=self.steps, loss="-", score=self.score_text())
+            with reporter.phase("distill", total=self.steps) as advance:
                 generator = torch.Generator().manual_seed(self.seed)
                 optimizer = torch.optim.Adam([p for p in self.module.parameters() if p.requires_grad], lr=self.lr)
                 schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=self.steps)
@@ -296,11 +290,7 @@ class _Run:
                     self.train_seconds += time.perf_counter() - began
                     if step % self.eval_every == 0 or step == self.steps:
                         self.evaluate(step)
-                    bar.update(task, advance=1, loss=f"{self.losses[-1]:.4g}", score=self.score_text())
-                    if progress and not interactive and (step % every_line == 0 or step == self.steps):
-                        print(f"distill step {step}/{self.steps}  loss {self.losses[-1]:.4g}  "
-                              f"held-out {self.score_text()}  {time.perf_counter() - start:.1f}s",
-                              file=sys.stderr, flush=True)
+                    advance(note=f"loss {self.losses[-1]:.4g}  held-out {self.score_text()}")
         except KeyboardInterrupt:
             self.interrupted = True
             print(f"distill: interrupted after {len(self.losses)} of {self.steps} steps; keeping the best held-out "

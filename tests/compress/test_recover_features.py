@@ -178,10 +178,13 @@ def test_bad_labels_are_refused(digits, labels, message):
 def test_progress_off_a_terminal_prints_periodic_lines(capfd):
     teacher, student = small_pair()
     distill(student, teacher, calibration(), steps=20, batch_size=8, progress=True, threads=1)
-    lines = [line for line in capfd.readouterr().err.splitlines() if line.startswith("distill step")]
-    assert [line.split()[2] for line in lines] == [f"{step}/20" for step in range(2, 21, 2)]
-    assert all(re.search(r"loss [\d.e+-]+ +held-out agreement [\d.]+ \(best [\d.]+ at step \d+\) +[\d.]+s$", line)
-               for line in lines)
+    lines = [line for line in capfd.readouterr().err.splitlines() if line.startswith("[distill]")]
+    # progress.Reporter's lines: started, every tenth of the run, done; each tenth with the latest loss and score
+    assert lines[0].split()[1] == "0/20" and lines[0].endswith("started")
+    assert lines[-1].split()[1] == "20/20" and lines[-1].endswith("done")
+    assert [line.split()[1] for line in lines[1:-1]] == [f"{step}/20" for step in range(2, 21, 2)]
+    assert all(re.search(r"eta \d+s loss [\d.e+-]+ +held-out agreement [\d.]+ \(best [\d.]+ at step \d+\)$", line)
+               for line in lines[1:-1])
     distill(student, teacher, calibration(), steps=20, batch_size=8, progress=False, threads=1)
     assert capfd.readouterr().err == ""
 
