@@ -85,6 +85,28 @@ def relocate_external_data(path, location: str) -> None:
 
 
 @pytest.fixture(scope="session")
+def zoo(tmp_path_factory):
+    """``zoo(name, search_space="layermerge") -> (model, analysis)``: a models.registry net exported at 224,
+    canonicalised by the fold pipeline and analysed (segments.analyse_chain), each once per test session."""
+    from models.export import export
+    from onnxmerge.layermerge.segments import analyse_chain
+    from onnxmerge.pipeline import select_passes
+
+    folder, models, analyses = tmp_path_factory.mktemp("zoo"), {}, {}
+
+    def analysed(name: str, search_space: str = "layermerge"):
+        if name not in models:
+            path = folder / f"{name}.onnx"
+            export(name, path, input_shape=(1, 3, 224, 224))
+            models[name] = run_pipeline(onnx.load(path), select_passes()).model
+        if (name, search_space) not in analyses:
+            analyses[name, search_space] = analyse_chain(models[name], search_space=search_space)
+        return models[name], analyses[name, search_space]
+
+    return analysed
+
+
+@pytest.fixture(scope="session")
 def trained_digits(tmp_path_factory):
     """``train_digits(arch, seed)`` once per test session: several test files need the same trained nets."""
     from models.digits import train_digits

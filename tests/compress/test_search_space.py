@@ -12,30 +12,12 @@ import pytest
 from conftest import GraphBuilder, op_types, run_model
 from onnx import helper
 
-from models.export import export
 from onnxmerge.errors import BadInputError
 from onnxmerge.layermerge.build import SegmentChoice, apply_segments, merged_conv
 from onnxmerge.layermerge.segments import analyse_chain
 from onnxmerge.graph import import_graph
-from onnxmerge.pipeline import run_pipeline, select_passes
 
 C, HW = 8, 8
-
-
-@pytest.fixture(scope="module")
-def zoo(tmp_path_factory):
-    folder, cache = tmp_path_factory.mktemp("zoo"), {}
-
-    def analysed(name):
-        if name not in cache:
-            path = folder / f"{name}.onnx"
-            export(name, path, input_shape=(1, 3, 224, 224))
-            model = run_pipeline(onnx.load(path), select_passes()).model
-            cache[name] = model, {space: analyse_chain(model, search_space=space)
-                                  for space in ("layermerge", "extended")}
-        return cache[name]
-
-    return analysed
 
 
 def _segments(analysis):
@@ -129,22 +111,22 @@ def test_unknown_search_space_is_refused():
 
 def test_layermerge_space_is_the_default_and_unchanged(zoo):
     for name, counts in (("resnet34", (62, 150)), ("mobilenet_v2", (171, 391))):
-        model, spaces = zoo(name)
+        model, layermerge = zoo(name, "layermerge")
         default = analyse_chain(model)
-        for analysis in (default, spaces["layermerge"]):
+        for analysis in (default, layermerge):
             assert (len(analysis.segments), analysis.entries) == counts
-        assert sorted(default.breaks) == sorted(spaces["layermerge"].breaks)
+        assert sorted(default.breaks) == sorted(layermerge.breaks)
 
 
 def test_extended_space_sizes(zoo):
     """Pinned so that a change of the extended space is seen (the lead picks the default from these)."""
     assert {name: (len(a.segments), a.entries) for name, a in
-            (("resnet34", zoo("resnet34")[1]["extended"]), ("mobilenet_v2", zoo("mobilenet_v2")[1]["extended"]))} \
+            (("resnet34", zoo("resnet34", "extended")[1]), ("mobilenet_v2", zoo("mobilenet_v2", "extended")[1]))} \
         == {"resnet34": (120, 431), "mobilenet_v2": (316, 829)}
 
 
 def test_resnet34_downsampling_blocks_get_stride_crossing_options(zoo):
-    model, spaces = zoo("resnet34")
+    spaces = {space: zoo("resnet34", space)[1] for space in ("layermerge", "extended")}
     old, new = _segments(spaces["layermerge"]), _segments(spaces["extended"])
     assert set(old) < set(new)
     assert sorted(spaces["extended"].breaks) == [0]  # only the max-pool: no stride breaks at 7, 15, 27
@@ -163,8 +145,7 @@ def test_resnet34_downsampling_blocks_get_stride_crossing_options(zoo):
 
 
 def test_resnet34_downsampling_block_merges_exactly(zoo):
-    model, spaces = zoo("resnet34")
-    analysis = spaces["extended"]
+    model, analysis = zoo("resnet34", "extended")
     merged = apply_segments(model, analysis, [SegmentChoice(6, 8, _option(analysis, 6, 8, (7,)))])
     reference = _training_form(model, analysis, 6, 8, (7,))
     feeds = {model.graph.input[0].name: np.random.default_rng(3).standard_normal((1, 3, 224, 224)).astype(np.float32)}

@@ -4,35 +4,16 @@ import itertools
 import math
 
 import numpy as np
-import onnx
 import pytest
 from conftest import GraphBuilder
 from onnx import numpy_helper
 from rich.console import Console
 
-from models.export import export
 from onnxmerge.layermerge.report import chain_tables
 from onnxmerge.layermerge.segments import ACTIVATION_KINDS, analyse_chain
 from onnxmerge.errors import BadInputError
-from onnxmerge.pipeline import run_pipeline, select_passes
 
 C, HW = 8, 8  # channels and map size of the hand-built chains
-
-
-@pytest.fixture(scope="module")
-def zoo(tmp_path_factory):
-    """Canonicalised torch exports at 224 and their analyses, once per module."""
-    folder, cache = tmp_path_factory.mktemp("zoo"), {}
-
-    def analysed(name):
-        if name not in cache:
-            path = folder / f"{name}.onnx"
-            export(name, path, input_shape=(1, 3, 224, 224))
-            model = run_pipeline(onnx.load(path), select_passes()).model
-            cache[name] = model, analyse_chain(model)
-        return cache[name]
-
-    return analysed
 
 
 def _kernels(segment, depthwise=False):
