@@ -231,25 +231,34 @@ def _split(report: Mapping, names: tuple[str, ...]) -> tuple[dict, dict]:
 
 
 @dataclass(kw_only=True)
-class ProfileResult(CommandResult):
+class TimedResult(CommandResult):
+    """A report of timed ORT sessions (profile, compare): the machine, the session options, what was assumed
+    about the inputs and the warm-up runs."""
+
+    environment: dict = field(default_factory=dict)
+    session: dict = field(default_factory=dict)
+    assumptions: list[str] = field(default_factory=list)
+    warmup: int = 0
+
+    TIMED_FIELDS: ClassVar[tuple[str, ...]] = ("environment", "session", "assumptions", "warmup")
+
+
+@dataclass(kw_only=True)
+class ProfileResult(TimedResult):
     """``onnxmerge.profile``'s report, typed: ``input`` is the model's path (``model``), ``before`` its
     statistics (the same as ``static``), ``after`` None, no verification."""
 
     command: str = "profile"
     verification_note: str | None = PROFILE_NOTE
     model: str | None = None
-    environment: dict = field(default_factory=dict)
-    session: dict = field(default_factory=dict)
-    assumptions: list[str] = field(default_factory=list)
-    warmup: int = 0
     latency: dict = field(default_factory=dict)
     memory: dict = field(default_factory=dict)
     static: dict = field(default_factory=dict)
     per_node: dict | None = field(default=None, metadata=_OPTIONAL)
     extra: dict = field(default_factory=dict, metadata=_FLATTEN)
 
-    FIELDS: ClassVar[tuple[str, ...]] = ("model", "environment", "session", "assumptions", "warmup", "latency",
-                                         "memory", "static", "per_node")
+    FIELDS: ClassVar[tuple[str, ...]] = ("model", *TimedResult.TIMED_FIELDS, "latency", "memory", "static",
+                                         "per_node")
 
     @classmethod
     def from_report(cls, report: Mapping) -> "ProfileResult":
@@ -258,7 +267,7 @@ class ProfileResult(CommandResult):
 
 
 @dataclass(kw_only=True)
-class CompareResult(CommandResult):
+class CompareResult(TimedResult):
     """``onnxmerge.compare``'s report, typed: ``input`` is A's path (``a``); B is ``b``; no statistics, no
     verification."""
 
@@ -266,17 +275,12 @@ class CompareResult(CommandResult):
     verification_note: str | None = COMPARE_NOTE
     a: str | None = None
     b: str | None = None
-    environment: dict = field(default_factory=dict)
-    session: dict = field(default_factory=dict)
-    assumptions: list[str] = field(default_factory=list)
-    warmup: int = 0
     latency_a: dict = field(default_factory=dict)
     latency_b: dict = field(default_factory=dict)
     speedup: dict = field(default_factory=dict)
     extra: dict = field(default_factory=dict, metadata=_FLATTEN)
 
-    FIELDS: ClassVar[tuple[str, ...]] = ("a", "b", "environment", "session", "assumptions", "warmup", "latency_a",
-                                         "latency_b", "speedup")
+    FIELDS: ClassVar[tuple[str, ...]] = ("a", "b", *TimedResult.TIMED_FIELDS, "latency_a", "latency_b", "speedup")
 
     @classmethod
     def from_report(cls, report: Mapping) -> "CompareResult":
