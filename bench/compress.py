@@ -7,6 +7,9 @@
     nothing meaningful to distil towards on random weights).
 (b) the digits-trained ResNet-style and MobileNetV2-style nets: calibration is 256 training images
     (unlabelled); accuracy on the 360 held-out test images, after recovery by distillation.
+(c) optional (``--models fpn``): the reference FPN detector (models/fpn.py) at 1x3x256x256, random weights, as
+    (a); it has three conv chains, and "predicted max speed-up" also gives the first chain's alone.
+``--models`` names run anew; entries of models not named are kept from the existing results file.
 Tables (latency in ORT, importance) are built once per model; each target is a DP solve with the
 closed loop on measured latency. ORT CPU, 1 thread, batch 1. Results: bench/results/compress.{md,json,png}.
 """
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import sys
 import tempfile
 import time
@@ -30,6 +34,7 @@ from onnxmerge.errors import BadInputError
 from onnxmerge.layermerge.api import evaluate, prepare
 from onnxmerge.runner import RuntimeSettings
 from onnxmerge.layermerge.dp import join_tables, minimum_latency, solve
+from onnxmerge.layermerge.importance import is_original
 from onnxmerge.runner import make_session
 
 RESULTS = Path(__file__).parent / "results"
@@ -49,7 +54,8 @@ def bench_model(label: str, model: Path, calibration: Path, speedups: list[float
     problem.measure_tables(clock=clock)
     choices = join_tables(problem.latency, {k: e.score for k, e in problem.importance.items()})
     dp_started = time.perf_counter()
-    solve(choices, problem.length, problem.table_original_ms)
+    links = problem.analysis.links
+    solve(choices, problem.length, problem.table_original_ms, links=links)
     dp_seconds = time.perf_counter() - dp_started
     rows = []
     for target in speedups:
@@ -79,11 +85,18 @@ def bench_model(label: str, model: Path, calibration: Path, speedups: list[float
             x, y = test_set
             row["accuracy"] = float(np.mean(make_session(student).run(None, {"input": x})[0].argmax(1) == y))
         rows.append(row)
-    fastest = minimum_latency(choices, problem.length)
+    fastest = minimum_latency(choices, problem.length, links=links)
     reachable = problem.original_ms / problem.latency_model.predict(fastest)
+    if links:  # what the longest path alone could reach: every later chain left as it is
+        first = [c for c in choices
+                 if c.end <= links[0] or is_original((c.start, c.end, c.option), problem.options[c.start, c.end, c.option])]
+        first_chain = problem.original_ms / problem.latency_model.predict(minimum_latency(first, problem.length,
+                                                                                           links=links))
     entry = {"model": label, "segments": len(problem.analysis.segments), "entries": problem.analysis.entries,
              "original_ms": problem.original_ms, "table_original_ms": problem.table_original_ms,
              "predicted_max_speedup": reachable, "latency_model": problem.latency_model.to_dict(),
+             "chains": len(problem.analysis.chain_starts),
+             "predicted_max_speedup_first_chain": first_chain if links else reachable,
              "peak_rss_mib": clock.peak_rss_mib,
              "dp_seconds": dp_seconds, "phases_s": _phase_times(clock.seconds),
              "total_s": round(time.perf_counter() - started, 1), "rows": rows}
@@ -104,7 +117,9 @@ def bench_model(label: str, model: Path, calibration: Path, speedups: list[float
 
 def markdown(results: dict) -> str:
     env = results["environment"]
-    lines = [f"ORT {env['onnxruntime']}, CPU {env['cpu']}, 1 thread, batch 1, ENABLE_ALL; {env['date']}.", "",
+    dates = sorted({entry.get("date", env["date"]) for entry in results["models"]})
+    lines = [f"ORT {env['onnxruntime']}, CPU {env['cpu']}, 1 thread, batch 1, ENABLE_ALL; "
+             f"{', '.join(dates)} (each model's rows measured in one run).", "",
              "| model | target | measured speed-up (p10–p90) | merged segments | top-1 agreement | accuracy | "
              "measured plans | goal |", "|---|---:|---:|---:|---:|---:|---:|---|"]
     for entry in results["models"]:
@@ -125,6 +140,9 @@ def markdown(results: dict) -> str:
         p = entry["phases_s"]
         reach = f"{entry['predicted_max_speedup']:.2f}×" + (f" ({entry['goal_reachable']})"
                                                              if "goal_reachable" in entry else "")
+        if entry.get("chains", 1) > 1:
+            reach += (f" ({entry['chains']} chains; the first alone "
+                      f"{entry['predicted_max_speedup_first_chain']:.2f}×)")
         lines.append(f"| {entry['model']} | {entry['segments']} / {entry['entries']} | {entry['original_ms']:.2f} | "
                      f"{reach} | {p.get('canonicalize', 0)} | {p.get('analyse', 0)} | {p.get('latency_table', 0)} | "
                      f"{p.get('importance_table', 0)} | {entry['dp_seconds'] * 1e3:.1f} ms | {entry['total_s']} | "
@@ -154,6 +172,19 @@ def pareto_plot(results: dict, path: Path) -> None:
     figure.savefig(path, dpi=120)
 
 
+def _merged(fresh: list[dict], previous_path: Path) -> list[dict]:
+    """``fresh`` entries, preceded by the entries of other models from the existing results (their own dates)."""
+    try:
+        document = json.loads(previous_path.read_text())
+        previous = document["models"]
+        for entry in previous:
+            entry.setdefault("date", document["environment"]["date"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return fresh
+    names = {entry["model"] for entry in fresh}
+    return [entry for entry in previous if entry["model"] not in names] + fresh
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.compress", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -164,8 +195,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", nargs="+", default=["mobilenet_v2", "resnet34", "digits_resnet",
                                                           "digits_mobilenet"])
     args = parser.parse_args(argv)
-    results = {"environment": describe("cpu") | {"date": datetime.datetime.now().astimezone().isoformat(
-        timespec="seconds")}, "models": []}
+    date = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+    results = {"environment": describe("cpu") | {"date": date}, "models": []}
     with tempfile.TemporaryDirectory(prefix="onnxmerge-bench-") as folder:
         folder = Path(folder)
         for name in args.models:
@@ -178,13 +209,16 @@ def main(argv: list[str] | None = None) -> int:
                                                      test_set=(trained.x_test, trained.y_test),
                                                      cache_dir=folder / "cache"))
             else:
-                export(name, folder / f"{name}.onnx", input_shape=(1, 3, 224, 224))
-                calibration = np.random.default_rng(0).standard_normal((64, 3, 224, 224)).astype(np.float32)
+                side = 256 if name == "fpn" else 224
+                export(name, folder / f"{name}.onnx", input_shape=(1, 3, side, side))
+                calibration = np.random.default_rng(0).standard_normal((64, 3, side, side)).astype(np.float32)
                 np.savez(folder / f"{name}.npz", input=calibration)
-                results["models"].append(bench_model(f"{name} 224", folder / f"{name}.onnx",
+                results["models"].append(bench_model(f"{name} {side}", folder / f"{name}.onnx",
                                                      folder / f"{name}.npz", args.speedups, runs=args.runs,
                                                      cache_dir=folder / "cache"))
+            results["models"][-1]["date"] = date
     RESULTS.mkdir(parents=True, exist_ok=True)
+    results["models"] = _merged(results["models"], RESULTS / "compress.json")
     pareto_plot(results, RESULTS / "compress.png")
     write_results(RESULTS / "compress.md", RESULTS / "compress.json", markdown(results), results)
     return 0

@@ -131,6 +131,7 @@ class CompressionProblem:
     latency_model: LatencyModel | None = None  # how table sums become end-to-end latency (context.py)
     search: SearchResult | None = None  # the last budget search (solve_for)
     cache_dir: Path | None = None  # latency/ and importance/ caches (None: the user cache folder)
+    pass_threads: int = 1  # ORT threads of the untimed passes (refits, joint scores): compress gives jobs x threads
     importance: dict = field(default_factory=dict)
     # Entries left out of both tables, with their measured latency: each costs at least the original convs of
     # its span while scoring no more (importance.dominated_entries), so no optimal plan contains it.
@@ -414,12 +415,13 @@ def compress(model: ModelLike, output: str | Path | None = None, *, calibration:
         target_ms = (problem.original_ms / options.speedup if options.speedup is not None
                      else options.latency_budget_ms)
         rounds: list[dict] = []
+        # Each job runs ORT sessions of ``threads`` threads: more than cores // threads jobs only contend.
+        jobs = max(1, min(options.jobs, available_cores() // settings.threads))
+        problem.pass_threads = jobs * settings.threads
         if reuse:
             chosen = read_plan(plan_path, problem.options)
             chosen, student, reranking = problem.refine(chosen, count=1)
         else:
-            # Each job runs ORT sessions of ``threads`` threads: more than cores // threads jobs only contend.
-            jobs = max(1, min(options.jobs, available_cores() // settings.threads))
             problem.measure_tables(jobs=jobs, clock=clock, reporter=reporter)
             chosen, student, rounds = problem.solve_for(target_ms)
             clock("search")

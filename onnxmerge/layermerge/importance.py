@@ -63,6 +63,11 @@ from onnxmerge.runner import make_session
 # Ridge refits are solved only when a group's unknowns stay small enough for a dense normal-equation solve.
 MAX_REFIT_UNKNOWNS = 2304
 MAX_REFIT_ROWS = 20000  # rows of the ridge problem: the first images of the fit set supply them (see refit)
+# The sequential refit of a chosen segment (plans.py) reads only enough images for ROWS_PER_UNKNOWN rows per
+# unknown of its own merged conv (at least MIN_REFIT_ROWS, at most what the table read): a 1x1 merge at a
+# 7x7 map needs 84 images, not the table's 384, and each image is a pass of the partially compressed network.
+ROWS_PER_UNKNOWN = 16
+MIN_REFIT_ROWS = 4096
 RIDGE = 1e-3
 _CHUNK_VALUES = 1 << 22  # float64 values per gathered design chunk (32 MiB)
 _BLOCK_COLUMNS = 4096  # columns per chunk when many small groups (depthwise) are solved side by side
@@ -524,6 +529,15 @@ class ImportanceScorer:
                   if s.start == start]
         need = max((math.ceil(MAX_REFIT_ROWS / max(1, p)) for p in pixels), default=1)
         return min(self.fit_inputs.size, max(1, need))
+
+    def refit_images(self, start: int, end: int, option: KernelOption) -> int:
+        """Fit images the sequential refit of one chosen segment reads: enough for :data:`ROWS_PER_UNKNOWN` rows
+        per unknown of its merged conv (at least :data:`MIN_REFIT_ROWS`, at most :data:`MAX_REFIT_ROWS`) at its
+        output map, and never more than :meth:`fit_images` (what the table's refit read)."""
+        unknowns = option.in_channels // option.groups * int(np.prod(option.kernel)) + 1
+        rows = min(MAX_REFIT_ROWS, max(MIN_REFIT_ROWS, ROWS_PER_UNKNOWN * unknowns))
+        pixels = int(np.prod(self.analysis.convs[end].output_shape[2:]))
+        return min(self.fit_images(start), max(1, math.ceil(rows / max(1, pixels))))
 
     def held_out_frontier(self, start: int) -> dict[str, np.ndarray]:
         """The original's values on the scored held-out rows of every tensor the network after ``start`` reads

@@ -15,7 +15,7 @@ that is finally built:
 
 Cost (see :class:`RefitReport`): a sequential refit of a plan with k merged segments runs one pass of the
 original (every segment's target together), then per segment one pass of the partially compressed network's
-prefix up to the segment's input on only the fit images its refit reads (:meth:`ImportanceScorer.fit_images`)
+prefix up to the segment's input on only the fit images its refit reads (:meth:`ImportanceScorer.refit_images`)
 and one ridge solve, the same solve the independent refit pays. On the digits MobileNet the ridge solves are
 ~93% of it (0.7 s each); building, cutting and running the prefixes ~0.02 s per segment.
 """
@@ -129,7 +129,8 @@ def build(problem, plan: Plan, overrides: Overrides | None = None) -> onnx.Model
 
 
 def _run(problem, model: onnx.ModelProto, data, outputs: list[str] | None = None) -> list[np.ndarray]:
-    return run_batched(make_session(model, threads=problem.settings.threads), data, problem.canonical,
+    """``model`` on ``data``, untimed: on :attr:`CompressionProblem.pass_threads` threads."""
+    return run_batched(make_session(model, threads=problem.pass_threads), data, problem.canonical,
                        outputs=outputs)
 
 
@@ -216,7 +217,7 @@ def sequential_refit(problem, plan: Plan, *, check_held_out: bool = False, cache
     check that sees the whole network.
 
     Passes: one of the original (every target, on the largest fit-image count any segment needs), then per
-    segment one prefix pass of the partial student on the segment's :meth:`fit_images` and, with
+    segment one prefix pass of the partial student on the segment's :meth:`refit_images` and, with
     ``check_held_out``, two held-out passes of the whole partial student.
 
     ``cache`` (a dict the caller keeps across plans, as :func:`rerank` does) holds the original's targets and
@@ -234,7 +235,7 @@ def sequential_refit(problem, plan: Plan, *, check_held_out: bool = False, cache
         return report
 
     targets_by_segment = {(c.start, c.end): scorer.target_tensor(c.start, c.end) for c in chosen}
-    counts = {c.start: scorer.fit_images(c.start) for c in chosen}
+    counts = {(c.start, c.end): scorer.refit_images(c.start, c.end, c.option) for c in chosen}
     names = list(dict.fromkeys(targets_by_segment.values()))
     fit = problem.calibration.fit
     cache = {} if cache is None or check_held_out else cache
@@ -249,7 +250,8 @@ def sequential_refit(problem, plan: Plan, *, check_held_out: bool = False, cache
     done: list[SegmentChoice] = []
     for index, choice in enumerate(chosen):
         clock = time.perf_counter()
-        span, images = (choice.start, choice.end), counts[choice.start]
+        span = (choice.start, choice.end)
+        images = counts[span]
         prefix = tuple((c.start, c.end, option_key(c.option)) for c in chosen[:index + 1])
         if prefix in fits:
             fitted, method = fits[prefix]

@@ -185,6 +185,27 @@ def _scorer(canonical, analysis, images: np.ndarray, fit: int) -> ImportanceScor
                             holdout=Dataset.of({"x": images[-4:]}))
 
 
+def test_sequential_refits_read_images_for_their_own_unknowns_only(monkeypatch):
+    """A chosen segment's refit reads ROWS_PER_UNKNOWN rows per unknown of its own merged conv (at least
+    MIN_REFIT_ROWS), never more images than the table read at its start."""
+    monkeypatch.setattr(importance, "MAX_REFIT_ROWS", 2000)
+    monkeypatch.setattr(importance, "MIN_REFIT_ROWS", 100)
+    monkeypatch.setattr(importance, "ROWS_PER_UNKNOWN", 4)
+    canonical = fold(_chain_model(), input_shapes={"x": SHAPE}).proto
+    analysis = analyse_chain(canonical, {"x": SHAPE})
+    scorer = _scorer(canonical, analysis, _images(68), 64)
+    seen = set()
+    for segment in analysis.segments:
+        pixels = int(np.prod(analysis.convs[segment.end].output_shape[2:]))
+        for option in segment.options:
+            unknowns = option.in_channels // option.groups * int(np.prod(option.kernel)) + 1
+            rows = min(2000, max(100, 4 * unknowns))
+            images = scorer.refit_images(segment.start, segment.end, option)
+            assert images == min(scorer.fit_images(segment.start), math.ceil(rows / pixels))
+            seen.add(images < scorer.fit_images(segment.start))
+    assert seen == {True, False}  # small merges read fewer images than the table; the largest are capped
+
+
 def test_fit_activations_read_only_the_images_the_refit_rows_need(monkeypatch):
     monkeypatch.setattr(importance, "MAX_REFIT_ROWS", 100)
     canonical = fold(_chain_model(), input_shapes={"x": SHAPE}).proto

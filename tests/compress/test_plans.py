@@ -13,9 +13,10 @@ from onnxmerge.errors import BadInputError
 from onnxmerge.io import save_model
 from onnxmerge.layermerge import plans
 from onnxmerge.layermerge.api import prepare
-from onnxmerge.layermerge.build import SegmentChoice
+from onnxmerge.graph import import_graph
+from onnxmerge.layermerge.build import SegmentChoice, merged_conv
 from onnxmerge.layermerge.dp import Choice, Plan, solve
-from onnxmerge.layermerge.importance import is_original
+from onnxmerge.layermerge.importance import is_original, refit
 from onnxmerge.runner import RuntimeSettings
 
 # --- alternative_plans on synthetic tables ----------------------------------------------------------------------
@@ -168,7 +169,9 @@ def test_sequential_refit_beats_independent_and_composed_on_adjacent_merges(prob
     assert [(s.start, s.end) for s in report.segments] == [k[:2] for k in ADJACENT]  # chain order
     assert set(report.overrides) == {(s.start, s.end) for s in report.segments if s.method == "refit"}
     assert report.overrides  # something was refitted, so the comparison below is not composed vs composed
-    assert all(1 <= s.fit_images == problem.scorer.fit_images(s.start) for s in report.segments)
+    options = {(c.start, c.end): problem.options[plans._key(c)] for c in plan.choices}
+    assert all(1 <= s.fit_images == problem.scorer.refit_images(s.start, s.end, options[s.start, s.end])
+               <= problem.scorer.fit_images(s.start) for s in report.segments)
     checked = plans.sequential_refit(problem, plan, check_held_out=True)
     for segment in (s for s in checked.segments if s.refit_score is not None):  # kept only where not worse
         assert (segment.method == "refit") == (segment.refit_score >= segment.composed_score)
@@ -182,12 +185,17 @@ def test_sequential_refit_beats_independent_and_composed_on_adjacent_merges(prob
     summed = plan.importance
     assert summed != pytest.approx(composed, rel=0.05)  # the table's sum is not the joint score (not additive)
 
-    # The first segment sees the original's inputs: its sequential refit is the table's independent one. A later
-    # one reads the student's own activations, so its refit differs.
+    # The first segment sees the original's inputs: its sequential refit is an independent refit on the original's
+    # activations over the images it reads (refit_images). A later one reads the student's own activations, so
+    # its refit differs.
     first = ADJACENT[0][:2]
     if first in report.overrides:
-        choice = SegmentChoice(*first, problem.options[ADJACENT[0]])
-        np.testing.assert_allclose(report.overrides[first].weight, problem.scorer.refit_params(choice).weight,
+        option = problem.options[ADJACENT[0]]
+        images = problem.scorer.refit_images(*first, option)
+        inputs, targets = problem.scorer.fit_activations(first[0], [first[1]])
+        params = merged_conv(problem.analysis, import_graph(problem.canonical), *first, option.kept)
+        np.testing.assert_allclose(report.overrides[first].weight,
+                                   refit(params, inputs[:images], targets[first[1]][:images]).weight,
                                    rtol=1e-6, atol=1e-8)
     later = [(s, e) for s, e, _ in ADJACENT[1:] if (s, e) in report.overrides]
     for span in later:
