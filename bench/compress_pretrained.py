@@ -265,6 +265,9 @@ def compress_summary(report: dict) -> dict:
             pass
     if isinstance(report.get("rounds"), list):
         summary["closed_loop_rounds"] = len(report["rounds"])
+    reranking = report.get("reranking")
+    if isinstance(reranking, dict) and isinstance(reranking.get("seconds"), (int, float)):
+        summary["rerank_s"] = reranking["seconds"]  # the DP's alternatives, their refits and joint passes
     return summary
 
 
@@ -420,12 +423,16 @@ def markdown(results: dict) -> str:
     lines += ["", "compress's own view (speed-up against its canonical model; top-1 agreement on the held-out "
                   "quarter of the calibration crops, i.e. calibration photos):", "",
               "| target | compress speed-up | reached target | calib held-out top-1 | merged segments | "
-              "closed-loop rounds |", "|---:|---:|---|---:|---:|---:|"]
+              "closed-loop rounds | tables | search | DP + re-rank | recovery |", "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
     for row in results.get("rows", []):
         c = row.get("compress") or {}
+        phases = c.get("wall_s") if isinstance(c.get("wall_s"), dict) else {}
+        tables = (phases.get("latency_table") or 0) + (phases.get("importance_table") or 0) if phases else None
         lines.append(f"| {row['target']:.2f}× | {_speedup(c.get('measured_speedup'))} | "
                      f"{c.get('reached_target', '–')} | {_pct((c.get('fidelity') or {}).get('top1_agreement'))} | "
-                     f"{c.get('merged_segments', '–')} | {c.get('closed_loop_rounds', '–')} |")
+                     f"{c.get('merged_segments', '–')} | {c.get('closed_loop_rounds', '–')} | {_seconds(tables)} | "
+                     f"{_seconds(phases.get('search'))} | {_seconds(c.get('rerank_s'))} | "
+                     f"{_seconds(phases.get('recover'))} |")
     lines += ["", f"plot: {results.get('plot', 'unknown')}", f"table cache: {settings.get('table_cache')}"]
     return "\n".join(lines) + "\n"
 

@@ -131,7 +131,7 @@ class CompressionProblem:
     latency_model: LatencyModel | None = None  # how table sums become end-to-end latency (context.py)
     search: SearchResult | None = None  # the last budget search (solve_for)
     cache_dir: Path | None = None  # latency/ and importance/ caches (None: the user cache folder)
-    pass_threads: int = 1  # ORT threads of the untimed passes (refits, joint scores): compress gives jobs x threads
+    pass_threads: int = 1  # threads of untimed work (refit and scoring passes in ORT, recovery in torch): jobs x threads
     importance: dict = field(default_factory=dict)
     # Entries left out of both tables, with their measured latency: each costs at least the original convs of
     # its span while scoring no more (importance.dominated_entries), so no optimal plan contains it.
@@ -287,7 +287,7 @@ class CompressionProblem:
                                    if self.analysis.positions[c.end].tensor in produced - outputs))
         return distill(student, self.canonical, train, held_out=self.calibration.held_out, match=match,
                        labels=train.labels, steps=options.recover_steps, lr=options.lr, seed=options.seed,
-                       progress=progress, threads=self.settings.threads)
+                       progress=progress, threads=self.pass_threads)
 
     def compare(self, student: onnx.ModelProto) -> dict:
         return compare(self.canonical, student, self.settings, input_shapes=self.shapes)
