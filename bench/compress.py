@@ -80,7 +80,8 @@ def bench_model(label: str, model: Path, calibration: Path, speedups: list[float
                 "search": problem.search.to_dict() if problem.search else None,
                 "merged_segments": sum(1 for c in plan.choices if c.end - c.start > 1),
                 "predicted_table_ms": plan.latency_ms, "measured_ms": measured["latency_b"]["median_ms"],
-                "top1_agreement": fidelity["top1_agreement"], "seconds": round(time.perf_counter() - target_started, 1)}
+                "top1_agreement": fidelity["top1_agreement"], "fidelity_score": fidelity.get("score"),
+                "seconds": round(time.perf_counter() - target_started, 1)}
         if test_set is not None:
             x, y = test_set
             row["accuracy"] = float(np.mean(make_session(student).run(None, {"input": x})[0].argmax(1) == y))
@@ -131,7 +132,7 @@ def markdown(results: dict) -> str:
             accuracy = (f"{row['accuracy']:.2%} (orig {entry['accuracy_original']:.2%})"
                         if "accuracy" in row else "–")
             lines.append(f"| {entry['model']} | {row['target']:.2f}× | {s['median']:.2f}× ({s['p10']:.2f}–{s['p90']:.2f}) "
-                         f"| {row['merged_segments']} | {row['top1_agreement']:.1%} | {accuracy} | {row['rounds']} | "
+                         f"| {row['merged_segments']} | {_agreement(row)} | {accuracy} | {row['rounds']} | "
                          f"{row.get('goal') or '–'} |")
     lines += ["", "| model | segments / entries | original ms | predicted max speed-up | canonicalize | analyse | "
                   "latency table | importance table | DP solve | total s | peak RSS MiB |",
@@ -150,6 +151,14 @@ def markdown(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _agreement(row: dict) -> str:
+    """Top-1 agreement, or for a net that is not a classifier (the FPN) its relative squared error."""
+    if row.get("top1_agreement") is not None:
+        return f"{row['top1_agreement']:.1%}"
+    score = row.get("fidelity_score")
+    return "–" if score is None else f"rel. sq. error {-score:.3g}"
+
+
 def pareto_plot(results: dict, path: Path) -> None:
     import matplotlib
 
@@ -158,8 +167,9 @@ def pareto_plot(results: dict, path: Path) -> None:
 
     figure, axis = plt.subplots(figsize=(6.5, 4.5))
     for entry in results["models"]:
-        rows = [r for r in entry["rows"] if r["status"] == "ok"]
-        if not rows:
+        rows = [r for r in entry["rows"] if r["status"] == "ok" and
+                (r.get("accuracy") is not None or r.get("top1_agreement") is not None)]
+        if not rows:  # refused targets, or not a classifier (no agreement to plot)
             continue
         values = [r.get("accuracy", r["top1_agreement"]) for r in rows]
         axis.plot([1.0] + [r["speedup"]["median"] for r in rows],
