@@ -14,7 +14,7 @@ from onnxmerge.api import fold
 from onnxmerge.errors import BadInputError
 from onnxmerge.io import load_model
 from onnxmerge.layermerge import plans
-from onnxmerge.layermerge.api import compress, prepare
+from onnxmerge.layermerge.api import CompressOptions, compress, prepare
 from onnxmerge.layermerge.build import SegmentChoice, apply_segments
 from onnxmerge.layermerge.dp import Choice, minimum_latency, solve
 from onnxmerge.layermerge.importance import is_original
@@ -214,14 +214,8 @@ def test_a_plan_across_chains_is_solved_refitted_and_recovered(fpn):
     refitted, _ = plans.joint_fidelity(problem, student)
     composed, _ = plans.joint_fidelity(problem, plans.build(problem, plan))
     assert refitted > composed  # each refit sees what the segments before it (any chain) did
-    trained = problem.recover(student, plan, problem_options(steps=8))
+    trained = problem.recover(student, plan, CompressOptions(speedup=1.2, recover_steps=8, lr=1e-3))
     assert trained.model.graph.output[0].name == problem.canonical.graph.output[0].name
-
-
-def problem_options(steps: int):
-    from onnxmerge.layermerge.api import CompressOptions
-
-    return CompressOptions(speedup=1.2, recover_steps=steps, lr=1e-3)
 
 
 def test_compress_keeps_every_output_of_a_multi_chain_net(fpn, tmp_path):
@@ -233,3 +227,20 @@ def test_compress_keeps_every_output_of_a_multi_chain_net(fpn, tmp_path):
     feeds = {"input": np.zeros((1, 3, 64, 64), np.float32)}
     assert [a.shape for a in run_model(written, feeds)] == [a.shape for a in run_model(original, feeds)]
     assert result.to_dict()["plan"]["choices"]
+
+
+def test_inspect_tables_say_which_chain_each_conv_is_on(fpn):
+    from rich.console import Console
+
+    from onnxmerge.layermerge.report import chain_tables
+
+    analysis = analyse_chain(_canonical(fpn / "fpn.onnx"))
+    console = Console(record=True, width=400)
+    for table in chain_tables(analysis):
+        console.print(table)
+    text = console.export_text()
+    assert "conv chains: positions 0..16" in text
+    assert f"3 chains, starting at convs {', '.join(map(str, analysis.chain_starts))}" in text
+    rows = [line for line in text.splitlines() if "/towers." in line and "Conv" in line and "head conv" not in line]
+    chains = {line.split("│")[1].strip() for line in rows}
+    assert chains == {"0", "1", "2"}
