@@ -31,7 +31,7 @@ def fpn(tmp_path_factory):
     from models.export import export
 
     folder = tmp_path_factory.mktemp("fpn")
-    path = export("fpn", folder / "fpn.onnx")
+    export("fpn", folder / "fpn.onnx")
     np.savez(folder / "calib.npz", input=np.random.default_rng(0).standard_normal((32, 3, 64, 64)).astype(np.float32))
     return folder
 
