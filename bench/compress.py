@@ -6,7 +6,11 @@
     images (48 to fit, 16 held out); fidelity is top-1 agreement with the original; no recovery (there is
     nothing meaningful to distil towards on random weights).
 (b) the digits-trained ResNet-style and MobileNetV2-style nets: calibration is 256 training images
-    (unlabelled); accuracy on the 360 held-out test images, after recovery by distillation.
+    (unlabelled); accuracy on the 360 held-out test images, after recovery by distillation on the whole
+    training split, unlabelled (1437 images, as ``compress --recover-data``; ``--digits-recover-data
+    calibration`` distils on the 256 calibration images only).
+Every target runs what compress() runs: the budget search, the re-ranking of near-optimal plans with sequential
+refits, and (digits) recovery with compress's defaults.
 (c) optional (``--models fpn``): the reference FPN detector (models/fpn.py) at 1x3x256x256, random weights, as
     (a); it has three conv chains, and "predicted max speed-up" also gives the first chain's alone.
 ``--models`` names run anew; entries of models not named are kept from the existing results file.
@@ -27,17 +31,20 @@ from pathlib import Path
 import numpy as np
 
 from bench.results_io import write_results
-from models.digits import train_digits
+from models.digits import load_digits_split, train_digits
 from models.export import export
+from onnxmerge.dataset import load_dataset
 from onnxmerge.environment import describe
 from onnxmerge.errors import BadInputError
-from onnxmerge.layermerge.api import evaluate, prepare
+from onnxmerge.layermerge.api import CompressOptions, available_cores, evaluate, prepare
 from onnxmerge.runner import RuntimeSettings
 from onnxmerge.layermerge.dp import join_tables, minimum_latency, solve
 from onnxmerge.layermerge.importance import is_original
 from onnxmerge.runner import make_session
 
 RESULTS = Path(__file__).parent / "results"
+ALTERNATIVES = CompressOptions().alternatives  # compress's defaults
+RECOVER_LR = CompressOptions().lr
 
 
 def _phase_times(clock_seconds: dict) -> dict:
@@ -45,12 +52,14 @@ def _phase_times(clock_seconds: dict) -> dict:
 
 
 def bench_model(label: str, model: Path, calibration: Path, speedups: list[float], *, runs: int,
-                recover_steps: int = 0, test_set: tuple | None = None, cache_dir: Path | None = None) -> dict:
+                recover_steps: int = 0, test_set: tuple | None = None, cache_dir: Path | None = None,
+                recover_data: Path | None = None) -> dict:
     from onnxmerge.layermerge.api import _PhaseClock
 
     clock = _PhaseClock()
     started = time.perf_counter()
     problem = prepare(model, calibration, RuntimeSettings(runs=runs), clock=clock, cache_dir=cache_dir)
+    problem.pass_threads = available_cores()  # as compress(): untimed passes and recovery on every core
     problem.measure_tables(clock=clock)
     choices = join_tables(problem.latency, {k: e.score for k, e in problem.importance.items()})
     dp_started = time.perf_counter()
@@ -66,17 +75,21 @@ def bench_model(label: str, model: Path, calibration: Path, speedups: list[float
         except BadInputError as refused:
             rows.append(row | {"status": str(refused)})
             continue
+        # What compress() does after the search: re-rank near-optimal plans on the network each builds
+        # (sequential refit, joint held-out score), then distil with feature maps at the kept positions.
+        plan, student, reranking = problem.refine(plan, count=ALTERNATIVES)
         if recover_steps:
-            from onnxmerge.layermerge.recover import distill
-
-            student = distill(student, problem.canonical, problem.calibration.fit, steps=recover_steps,
-                              progress=False, threads=1).model
+            data = None if recover_data is None else load_dataset(recover_data, problem.canonical,
+                                                                   what="recover data")
+            student = problem.recover(student, plan, CompressOptions(speedup=target, recover_steps=recover_steps,
+                                                                     lr=RECOVER_LR), data).model
         measured = problem.compare(student)
         fidelity = evaluate(problem, student)
         ratio = measured["speedup"]["median"] / target
         row["goal"] = (("met" if 0.98 <= ratio <= 1.05 else f"missed ({ratio - 1:+.1%} of the target)")
                        if test_set is None else None)
         row |= {"status": "ok", "speedup": measured["speedup"], "rounds": len(rounds),
+                "rerank_s": reranking.seconds, "rerank_chosen": reranking.chosen,
                 "search": problem.search.to_dict() if problem.search else None,
                 "merged_segments": sum(1 for c in plan.choices if c.end - c.start > 1),
                 "predicted_table_ms": plan.latency_ms, "measured_ms": measured["latency_b"]["median_ms"],
@@ -110,7 +123,9 @@ def bench_model(label: str, model: Path, calibration: Path, speedups: list[float
                 loss_pp = 100 * (entry["accuracy_original"] - row["accuracy"])
                 row["goal"] = ("met" if loss_pp <= 0.5 and row["speedup"]["median"] >= 1.5 * 0.98
                                else f"missed (loss {loss_pp:.2f} pp at {row['speedup']['median']:.2f}x)")
-        entry["goal_reachable"] = "met" if reachable >= 1.5 else f"missed (at most about {reachable:.2f}x)"
+        measured_best = max((r["speedup"]["median"] for r in rows if r["status"] == "ok"), default=0.0)
+        entry["goal_reachable"] = ("met" if max(reachable, measured_best) >= 1.5 * 0.98 else
+                                   f"missed (at most about {max(reachable, measured_best):.2f}x)")
     clock.close()
     print(f"{label}: done in {entry['total_s']} s", file=sys.stderr, flush=True)
     return entry
@@ -202,6 +217,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--digits-speedups", type=float, nargs="+", default=[1.3, 1.5])
     parser.add_argument("--runs", type=int, default=30)
     parser.add_argument("--recover-steps", type=int, default=300)
+    parser.add_argument("--digits-recover-data", choices=("train", "calibration"), default="train",
+                        help="digits recovery data: the whole training split unlabelled (1437 images, "
+                             "compress --recover-data) or only the 256 calibration images")
     parser.add_argument("--models", nargs="+", default=["mobilenet_v2", "resnet34", "digits_resnet",
                                                           "digits_mobilenet"])
     args = parser.parse_args(argv)
@@ -213,9 +231,13 @@ def main(argv: list[str] | None = None) -> int:
             if name.startswith("digits_"):
                 trained = train_digits(name, seed=0, out_path=folder / f"{name}.onnx")
                 np.savez(folder / f"{name}.npz", input=trained.x_calib)
+                recover_data = None
+                if args.digits_recover_data == "train":  # the whole training split, unlabelled
+                    recover_data = folder / f"{name}-train.npz"
+                    np.savez(recover_data, input=load_digits_split(0)[0])
                 results["models"].append(bench_model(name, folder / f"{name}.onnx", folder / f"{name}.npz",
                                                      args.digits_speedups, runs=args.runs,
-                                                     recover_steps=args.recover_steps,
+                                                     recover_steps=args.recover_steps, recover_data=recover_data,
                                                      test_set=(trained.x_test, trained.y_test),
                                                      cache_dir=folder / "cache"))
             else:
