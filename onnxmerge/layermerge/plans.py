@@ -13,8 +13,8 @@ that is finally built:
   re-solves), refits each, scores each jointly with one held-out forward pass (:func:`joint_score`) and keeps
   the best.
 
-Cost (see :class:`RefitReport`): a sequential refit of a plan with k merged segments runs one pass of the
-original (every segment's target together), then per segment one pass of the partially compressed network's
+Cost (see :class:`RefitReport`): a sequential refit of a plan with k merged segments runs passes of the
+original for the segments' targets (one per distinct fit-image count), then per segment one pass of the partially compressed network's
 prefix up to the segment's input on only the fit images its refit reads (:meth:`ImportanceScorer.refit_images`)
 and one ridge solve, the same solve the independent refit pays. On the digits MobileNet the ridge solves are
 ~93% of it (0.7 s each); building, cutting and running the prefixes ~0.02 s per segment.
@@ -216,8 +216,9 @@ def sequential_refit(problem, plan: Plan, *, check_held_out: bool = False, cache
     instead of 0.48 without it (independent refits: 5.2, composed: 10.1). :func:`rerank`'s joint score is the
     check that sees the whole network.
 
-    Passes: one of the original (every target, on the largest fit-image count any segment needs), then per
-    segment one prefix pass of the partial student on the segment's :meth:`refit_images` and, with
+    Passes: of the original, one per distinct fit-image count (each computing the targets of the segments reading
+    that many images, only as deep as they lie), then per segment one prefix pass of the partial student on the
+    segment's :meth:`refit_images` and, with
     ``check_held_out``, two held-out passes of the whole partial student.
 
     ``cache`` (a dict the caller keeps across plans, as :func:`rerank` does) holds the original's targets and
@@ -236,14 +237,18 @@ def sequential_refit(problem, plan: Plan, *, check_held_out: bool = False, cache
 
     targets_by_segment = {(c.start, c.end): scorer.target_tensor(c.start, c.end) for c in chosen}
     counts = {(c.start, c.end): scorer.refit_images(c.start, c.end, c.option) for c in chosen}
-    names = list(dict.fromkeys(targets_by_segment.values()))
     fit = problem.calibration.fit
     cache = {} if cache is None or check_held_out else cache
     original = cache.setdefault("targets", {})
-    need = max(counts.values())
-    missing = [name for name in names if name not in original or len(original[name]) < need]
-    if missing:
-        original.update(zip(missing, _run(problem, _prefix(problem.canonical, missing, fit), fit.rows(slice(0, need)))))
+    need: dict[str, int] = {}  # target tensor -> fit images its segments read
+    for span, name in targets_by_segment.items():
+        need[name] = max(need.get(name, 0), counts[span])
+    missing = {name: n for name, n in need.items() if name not in original or len(original[name]) < n}
+    # One pass of the original per distinct image count, each only as deep as its targets: a late 1x1 merge
+    # needing hundreds of images does not make every earlier target read them too.
+    for images in sorted(set(missing.values()), reverse=True):
+        wanted = [name for name, n in missing.items() if n == images]
+        original.update(zip(wanted, _run(problem, _prefix(problem.canonical, wanted, fit), fit.rows(slice(0, images)))))
     fits = cache.setdefault("fits", {})
     report.target_seconds = time.perf_counter() - began
 
