@@ -60,6 +60,7 @@ def bench_model(label: str, model: Path, calibration: Path, speedups: list[float
     started = time.perf_counter()
     problem = prepare(model, calibration, RuntimeSettings(runs=runs), clock=clock, cache_dir=cache_dir)
     problem.pass_threads = available_cores()  # as compress(): untimed passes and recovery on every core
+    data = None if recover_data is None else load_dataset(recover_data, problem.canonical, what="recover data")
     problem.measure_tables(clock=clock)
     choices = join_tables(problem.latency, {k: e.score for k, e in problem.importance.items()})
     dp_started = time.perf_counter()
@@ -79,8 +80,6 @@ def bench_model(label: str, model: Path, calibration: Path, speedups: list[float
         # (sequential refit, joint held-out score), then distil with feature maps at the kept positions.
         plan, student, reranking = problem.refine(plan, count=ALTERNATIVES)
         if recover_steps:
-            data = None if recover_data is None else load_dataset(recover_data, problem.canonical,
-                                                                   what="recover data")
             student = problem.recover(student, plan, CompressOptions(speedup=target, recover_steps=recover_steps,
                                                                      lr=RECOVER_LR), data).model
         measured = problem.compare(student)

@@ -41,7 +41,7 @@ import hashlib
 import json
 import math
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from fractions import Fraction
@@ -310,7 +310,11 @@ def refit_geometry(params: ConvParams) -> tuple:
 
 def refit_unknowns(params: ConvParams) -> int:
     """Unknowns per group of the ridge problem (weights of one group's output plus its bias)."""
-    return params.in_channels // params.groups * int(np.prod(params.kernel_shape)) + 1
+    return _unknowns(params.in_channels, params.groups, params.kernel_shape)
+
+
+def _unknowns(in_channels: int, groups: int, kernel: Sequence[int]) -> int:
+    return in_channels // groups * int(np.prod(kernel)) + 1
 
 
 def refit_shared(params: list[ConvParams], inputs: np.ndarray, targets: list[np.ndarray]) -> list[ConvParams | None]:
@@ -536,7 +540,7 @@ class ImportanceScorer:
         """Fit images the sequential refit of one chosen segment reads: enough for :data:`ROWS_PER_UNKNOWN` rows
         per unknown of its merged conv (at least :data:`MIN_REFIT_ROWS`, at most :data:`MAX_REFIT_ROWS`) at its
         output map, and never more than :meth:`fit_images` (what the table's refit read)."""
-        unknowns = option.in_channels // option.groups * int(np.prod(option.kernel)) + 1
+        unknowns = _unknowns(option.in_channels, option.groups, option.kernel)  # those of its merged conv
         rows = min(MAX_REFIT_ROWS, max(MIN_REFIT_ROWS, ROWS_PER_UNKNOWN * unknowns))
         pixels = int(np.prod(self.analysis.convs[end].output_shape[2:]))
         return min(self.fit_images(start), max(1, math.ceil(rows / max(1, pixels))))

@@ -180,11 +180,13 @@ def analyse_chain(model: onnx.ModelProto, input_shapes: Mapping[str | None, Sequ
                     drop_blocks=drop_blocks,
                     excluded=off_chain(paths, [slot.skip for path, base in zip(paths, bases)
                                                for slot in _slots(graph, path, base, residuals) if slot.skip]))
-    # The first chain is always kept; a further one only if some segment of it merges two or more convs.
+    # The first chain is always kept; a further one only if some segment of it merges two or more convs. It is
+    # numbered after the last kept chain, which a discarded candidate leaves where it was.
     parts, kept = [build(paths[0], 0)], [paths[0]]
     for path in paths[1:]:
-        if any(s.end - s.start > 1 for s in build(path, 0).segments):
-            parts.append(build(path, parts[-1].convs[-1].index + 1))
+        part = build(path, parts[-1].convs[-1].index + 1)
+        if any(s.end - s.start > 1 for s in part.segments):
+            parts.append(part)
             kept.append(path)
         else:
             excluded.update({node.name: "on a branch parallel to the chain: as a chain of its own it has nothing to "
