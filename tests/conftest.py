@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import onnx
 import pytest
@@ -72,6 +74,22 @@ class GraphBuilder:
             model.graph.output.append(value)
         onnx.checker.check_model(model)
         return model
+
+
+def all_plans(choices, length: int) -> list[tuple]:
+    """Brute force for the compress DP: every path 0..length over ``choices`` (dp.Choice rows), with every
+    option per segment; paths through a segment no row covers are left out."""
+    by_segment = {}
+    for c in choices:
+        by_segment.setdefault((c.start, c.end), []).append(c)
+    plans = []
+    for cut in range(length):
+        for inner in itertools.combinations(range(1, length), cut):
+            points = (0, *inner, length)
+            segments = list(zip(points, points[1:]))
+            if all(s in by_segment for s in segments):
+                plans.extend(itertools.product(*(by_segment[s] for s in segments)))
+    return plans
 
 
 def relocate_external_data(path, location: str) -> None:

@@ -1,6 +1,5 @@
 """The depth-compression DP against brute force, and its input checks."""
 
-import itertools
 import json
 import math
 import random
@@ -16,6 +15,8 @@ from onnxmerge.layermerge import dp
 from onnxmerge.layermerge.dp import Choice, Plan, join_tables, minimum_latency, solve
 from onnxmerge.errors import BadInputError
 
+from conftest import all_plans
+
 
 def _units(budget, resolution):
     """The discretisation solve() documents, restated: whole units that divide the budget exactly."""
@@ -25,21 +26,6 @@ def _units(budget, resolution):
 
 def _cost(choice, unit):
     return math.ceil(Fraction(choice.latency_ms) / unit)
-
-
-def _all_plans(choices, length):
-    """Every path 0..length with every option per segment."""
-    by_segment = {}
-    for c in choices:
-        by_segment.setdefault((c.start, c.end), []).append(c)
-    plans = []
-    for cut in range(length):
-        for inner in itertools.combinations(range(1, length), cut):
-            points = (0, *inner, length)
-            segments = list(zip(points, points[1:]))
-            if all(s in by_segment for s in segments):
-                plans.extend(itertools.product(*(by_segment[s] for s in segments)))
-    return plans
 
 
 def _assert_covers(plan, choices, length):
@@ -62,7 +48,7 @@ def problems(draw):
             if draw(st.integers(0, 9)) if end == start + 1 else draw(st.booleans()):
                 for k in range(draw(st.integers(1, 3))):
                     choices.append(Choice(start, end, f"k{k}", draw(latencies), draw(importances)))
-    plans = _all_plans(choices, length)
+    plans = all_plans(choices, length)
     top = max((math.fsum(c.latency_ms for c in p) for p in plans), default=1.0)
     if plans and draw(st.booleans()):  # exactly some plan's latency: the boundary case
         budget = math.fsum(c.latency_ms for c in draw(st.sampled_from(plans)))

@@ -1,7 +1,6 @@
 """Plans that survive composition: near-optimal DP alternatives (against brute force), the sequential refit on
 the student's own inputs, and the re-ranking of plans by one joint held-out pass (real ORT, a digits net)."""
 
-import itertools
 import math
 import random
 from fractions import Fraction
@@ -18,6 +17,9 @@ from onnxmerge.layermerge.build import SegmentChoice, merged_conv
 from onnxmerge.layermerge.dp import Choice, Plan, solve
 from onnxmerge.layermerge.importance import is_original, refit
 from onnxmerge.runner import RuntimeSettings
+
+from conftest import all_plans
+
 
 # --- alternative_plans on synthetic tables ----------------------------------------------------------------------
 
@@ -36,24 +38,12 @@ def _table(rng: random.Random, length: int) -> list[Choice]:
     return choices
 
 
-def _all_plans(choices: list[Choice], length: int) -> list[tuple[Choice, ...]]:
-    by_segment = {}
-    for c in choices:
-        by_segment.setdefault((c.start, c.end), []).append(c)
-    found = []
-    for cuts in range(length):
-        for inner in itertools.combinations(range(1, length), cuts):
-            points = (0, *inner, length)
-            found.extend(itertools.product(*(by_segment[s] for s in zip(points, points[1:]))))
-    return found
-
-
 def _fits(plan, budget: float) -> bool:
     return sum(Fraction(c.latency_ms) for c in plan) <= Fraction(budget)
 
 
 def _best_without(choices, length, budget, removed: set) -> float:
-    return max((math.fsum(c.importance for c in plan) for plan in _all_plans(choices, length)
+    return max((math.fsum(c.importance for c in plan) for plan in all_plans(choices, length)
                 if _fits(plan, budget) and not {plans._key(c) for c in plan} & removed), default=-math.inf)
 
 
@@ -74,7 +64,7 @@ def test_alternatives_are_feasible_distinct_ordered_and_first_optimal(seed):
         best = solve(choices, length, budget)
     except BadInputError:  # below the fastest plan
         pytest.skip("budget below the fastest plan for this draw")
-    every = _all_plans(choices, length)
+    every = all_plans(choices, length)
     optimum = max(math.fsum(c.importance for c in p) for p in every if _fits(p, budget))
     count = 6
     found = plans.alternative_plans(choices, length, budget, best, count, fixed=originals)
