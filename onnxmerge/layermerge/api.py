@@ -256,8 +256,7 @@ class CompressionProblem:
         order on its own inputs (:func:`plans.sequential_refit`), scored jointly on the held-out inputs; the best
         is kept (:func:`plans.rerank`). An alternative replaces a plan that met the target only if it still
         does when timed (alternatives fit the same table budget but were never measured)."""
-        result = plans.rerank(self, plans.problem_choices(self), self.length, plan.budget_ms, plan,
-                              count=max(1, count))
+        result = plans.rerank(self, plan.budget_ms, plan, count=max(1, count))
         student = plans.build(self, result.plan, result.overrides)
         if result.chosen != 0 and self.search is not None and self.search.reached:
             speedup = self.compare(student)["speedup"]["median"]

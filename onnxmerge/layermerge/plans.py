@@ -357,10 +357,11 @@ class RerankResult:
                 "seconds": self.seconds}
 
 
-def rerank(problem, choices: list[Choice], length: int, budget_ms: float, best: Plan, count: int = 4, *,
-           mode: str = "sequential", depth: int = 1) -> RerankResult:
-    """Among ``best`` and its near-optimal alternatives (:func:`alternative_plans`, at most ``count``), the plan
-    whose network, refitted per ``mode`` (:func:`refit_overrides`), scores best on the held-out inputs.
+def rerank(problem, budget_ms: float, best: Plan, count: int = 4, *, mode: str = "sequential",
+           depth: int = 1) -> RerankResult:
+    """Among ``best`` and its near-optimal alternatives (:func:`alternative_plans` over the problem's own rows,
+    :func:`problem_choices`, at ``budget_ms``; at most ``count``), the plan whose network, refitted per ``mode``
+    (:func:`refit_overrides`), scores best on the held-out inputs.
 
     The additive surrogate picked ``best``; the joint score is what the compressed network actually does, so it
     decides. Ties keep the plan the DP rates higher. Cost: per candidate, its refit (``"sequential"``: see
@@ -369,8 +370,8 @@ def rerank(problem, choices: list[Choice], length: int, budget_ms: float, best: 
     began = time.perf_counter()
     if mode not in REFIT_MODES:
         raise BadInputError(f"refit mode must be one of {', '.join(REFIT_MODES)}, got {mode!r}")
-    plans = alternative_plans(choices, length, budget_ms, best, count, fixed=original_keys(problem), depth=depth,
-                              links=problem.analysis.links)
+    plans = alternative_plans(problem_choices(problem), problem.length, budget_ms, best, count,
+                              fixed=original_keys(problem), depth=depth, links=problem.analysis.links)
     candidates, overrides, cache = [], [], {}
     for rank, plan in enumerate(plans):
         clock = time.perf_counter()

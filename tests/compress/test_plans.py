@@ -199,7 +199,7 @@ def test_rerank_keeps_the_candidate_with_the_best_recomputed_joint_score(problem
     choices = plans.problem_choices(problem)
     budget = 0.7 * problem.table_original_ms
     best = solve(choices, problem.length, budget)
-    result = plans.rerank(problem, choices, problem.length, budget, best, count=4)
+    result = plans.rerank(problem, budget, best, count=4)
     assert 2 <= len(result.candidates) <= 4 and result.candidates[0].keys == plans.plan_keys(best)
     assert len({c.keys for c in result.candidates}) == len(result.candidates)
     assert all(c.latency_ms <= budget for c in result.candidates)
@@ -217,11 +217,11 @@ def test_rerank_keeps_the_candidate_with_the_best_recomputed_joint_score(problem
     assert table["chosen"] == result.chosen and len(table["candidates"]) == len(result.candidates)
     assert all(row["joint_score"] <= table["candidates"][result.chosen]["joint_score"] for row in table["candidates"])
 
-    composed = plans.rerank(problem, choices, problem.length, budget, best, count=2, mode="composed")
+    composed = plans.rerank(problem, budget, best, count=2, mode="composed")
     assert composed.overrides == {} and [c.keys for c in composed.candidates] == \
         [c.keys for c in result.candidates[:2]]
     with pytest.raises(BadInputError):
-        plans.rerank(problem, choices, problem.length, budget, best, mode="greedy")
+        plans.rerank(problem, budget, best, mode="greedy")
 
 
 def test_plans_sharing_a_prefix_of_merges_fit_it_once(problem):
